@@ -9,8 +9,8 @@
 //! - [`write_accept`] writes the `101 Switching Protocols` answer of RFC 6455 section
 //!   4.2.2; [`write_response`] writes any other (rejection or plain HTTP) response.
 
-use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
 /// Most header lines accepted in one request head; more is answered with 431.

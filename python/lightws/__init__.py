@@ -1,0 +1,62 @@
+"""lightws: a WebSocket server for Python asyncio whose whole I/O path runs in Rust.
+
+Sockets, TLS, buffering and RFC 6455 framing run on tokio and rustls; Python supplies a
+handshake callable and a per-connection handler::
+
+    import asyncio, lightws
+
+    def handshake(request, response):
+        async def handler(conn):
+            async for msg in conn:
+                await conn.send(msg)
+        return handler
+
+    async def main():
+        config = lightws.Config(addr="127.0.0.1:9001", handshake=handshake)
+        async with lightws.Server(config) as server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+"""
+
+from __future__ import annotations
+
+from ._lightws import Connection, Message
+from ._lightws import __version__ as __version__
+from ._types import CloseCode, LogLevel, Opcode
+from .config import Config, HandshakeFunc, Handler
+from .exceptions import (
+    ConnectionClosed,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    InvalidHandshake,
+    LightwsError,
+    PayloadTooBig,
+    ProtocolError,
+)
+from .http import Headers, Request, Response
+from .server import Rates, Server, Stats
+
+__all__ = [
+    "CloseCode",
+    "Config",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionClosedError",
+    "ConnectionClosedOK",
+    "HandshakeFunc",
+    "Handler",
+    "Headers",
+    "InvalidHandshake",
+    "LightwsError",
+    "LogLevel",
+    "Message",
+    "Opcode",
+    "PayloadTooBig",
+    "ProtocolError",
+    "Rates",
+    "Request",
+    "Response",
+    "Server",
+    "Stats",
+]

@@ -1,0 +1,91 @@
+"""Server configuration: :class:`Config`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+from ._types import LogLevel
+
+if TYPE_CHECKING:
+    from ._lightws import Connection
+    from .http import Request, Response
+
+__all__ = ["Config", "HandshakeFunc", "Handler"]
+
+#: A per-connection handler: ``async def handler(conn: Connection) -> None``.
+Handler = Callable[["Connection"], Awaitable[None]]
+
+#: The handshake callable: ``(request, response) -> Handler | None``, sync or async.
+HandshakeFunc = Callable[
+    ["Request", "Response"],
+    Union[Handler, None, Awaitable[Union[Handler, None]]],
+]
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Everything a :class:`lightws.Server` needs. Keyword-only.
+
+    Values are checked when the server starts (``ValueError``/``TypeError``/``OSError``
+    with the field named), before any connection is accepted.
+    """
+
+    #: ``"host:port"``; ``":port"`` listens on every interface; port 0 picks a free port.
+    addr: str
+    #: Called for each upgrade request; returns a handler to accept or None to reject.
+    handshake: HandshakeFunc
+    #: PEM certificate chain(s) for TLS; comma-separated lists pair with ``key_file`` by
+    #: index and are chosen by SNI (the first is the default). Default None (plain TCP).
+    cert_file: str | None = None
+    #: PEM private key(s) matching ``cert_file``. Default None.
+    key_file: str | None = None
+    #: Largest message buffered, in bytes; larger ones close with 1009 before any of the
+    #: payload is buffered. Default 1 MiB.
+    max_msg_len: int = 1 << 20
+    #: SO_RCVBUF / SO_SNDBUF in bytes. None (default) keeps the kernel's autotuning.
+    sock_read_buffer: int | None = None
+    sock_write_buffer: int | None = None
+    #: Bytes for the HTTP request head; a larger head is answered with 431. Default 4096.
+    http_read_buffer: int = 4096
+    #: Initial buffer for HTTP responses. Default 4096.
+    http_write_buffer: int = 4096
+    #: Initial read size for frames (min 16); buffers grow to need and are released
+    #: when the connection is idle. Default 4096.
+    ws_read_buffer: int = 4096
+    #: Write buffer hint for frames (min 16). Default 4096.
+    ws_write_buffer: int = 4096
+    #: Count connections currently reading / writing in ``stats()``. Default False.
+    io_statistics: bool = False
+    #: Level of the ``"lightws"`` logger's messages; DEBUG logs every frame.
+    log_level: LogLevel = LogLevel.ERROR
+    #: Seconds to complete the TLS handshake and receive the HTTP request. Default 3.
+    handshake_read_timeout: float = 3.0
+    #: Seconds to send the HTTP response. Default 3.
+    handshake_write_timeout: float = 3.0
+    #: Seconds to wait for the peer's close frame after ours. Default 5.
+    close_timeout: float = 5.0
+    #: TCP keepalive idle time in seconds; 0 (default) leaves it off.
+    tcp_keepalive: float = 0
+    #: Answer pings in Rust; pings and pongs then never reach ``recv()``. Default True.
+    auto_pong: bool = True
+    #: Send a ping after this many idle seconds. None (default) disables keepalive pings.
+    ping_interval: float | None = None
+    #: Close with 1011 when a keepalive ping gets no pong within this many seconds.
+    #: Default None (= ping_interval).
+    ping_timeout: float | None = None
+    #: Close with 1001 after this many seconds without a frame. Default None (never).
+    idle_timeout: float | None = None
+    #: ``send()`` waits once more than this many bytes are queued. Default 64 KiB.
+    write_limit: int = 64 * 1024
+    #: Answer 503 to connections beyond this many. 0 (default) means no limit.
+    max_connections: int = 0
+    #: listen() backlog. Default 1024.
+    backlog: int = 1024
+    #: Tokio worker threads doing the I/O. Default 1.
+    threads: int = 1
+    #: Show non-upgrade HTTP requests to the handshake callable (``request.upgrade`` is
+    #: False); it answers with ``response.status/headers/body`` and returns None.
+    #: Default False: they get 400.
+    http_fallback: bool = False

@@ -1,0 +1,409 @@
+"""The server: :class:`Server` and its :class:`Stats`."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _lightws
+from ._lightws import Connection
+from ._types import LogLevel, Opcode
+from .config import Config, Handler
+from .exceptions import ConnectionClosed
+from .http import Request, Response
+
+__all__ = ["Rates", "Server", "Stats"]
+
+logger = logging.getLogger("lightws")
+
+_LEVELS = {
+    LogLevel.ERROR: logging.ERROR,
+    LogLevel.WARN: logging.WARNING,
+    LogLevel.INFO: logging.INFO,
+    LogLevel.DEBUG: logging.DEBUG,
+}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Per-second rates of the cumulative counters over the last 30 seconds."""
+
+    handshakes: float = 0.0
+    handshakes_failed: float = 0.0
+    bytes_in: float = 0.0
+    bytes_out: float = 0.0
+    frames_in: dict[Opcode, float] = field(default_factory=dict)
+    frames_out: dict[Opcode, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of the server's counters (``server.stats()``).
+
+    ``connections_reading``/``connections_writing`` are None unless
+    ``Config.io_statistics`` is on.
+    """
+
+    connections: int = 0
+    max_connections: int = 0
+    connections_reading: int | None = None
+    connections_writing: int | None = None
+    handshakes: int = 0
+    handshakes_failed: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    frames_in: dict[Opcode, int] = field(default_factory=dict)
+    frames_out: dict[Opcode, int] = field(default_factory=dict)
+    rates: Rates = field(default_factory=Rates)
+
+    def __str__(self) -> str:
+        r = self.rates
+
+        def frames(d: dict[Opcode, int], rd: dict[Opcode, float]) -> str:
+            return " ".join(
+                f"{op.name}={n}({rd.get(op, 0.0):.1f}/s)" for op, n in d.items() if n
+            )
+
+        lines = [
+            f"connections={self.connections} max_connections={self.max_connections}",
+            f"handshakes={self.handshakes}({r.handshakes:.1f}/s) "
+            f"handshakes_failed={self.handshakes_failed}({r.handshakes_failed:.1f}/s)",
+            f"bytes_in={self.bytes_in}({r.bytes_in:.0f}/s) "
+            f"bytes_out={self.bytes_out}({r.bytes_out:.0f}/s)",
+            f"frames_in: {frames(self.frames_in, r.frames_in) or '-'}",
+            f"frames_out: {frames(self.frames_out, r.frames_out) or '-'}",
+        ]
+        if self.connections_reading is not None:
+            lines.insert(
+                1,
+                f"connections_reading={self.connections_reading} "
+                f"connections_writing={self.connections_writing}",
+            )
+        return "\n".join(lines)
+
+
+def _opcode_dict(d: dict[int, Any]) -> dict[Opcode, Any]:
+    return {Opcode(k): v for k, v in d.items()}
+
+
+class Server:
+    """A WebSocket server.
+
+    ``async with Server(config) as server:`` starts listening (``server.port``) and
+    closes every connection with 1001 on exit. Or ``await server.serve()`` to run until
+    :meth:`close`.
+    """
+
+    def __init__(self, config: Config) -> None:
+        if not isinstance(config, Config):
+            raise TypeError(f"Server() takes a lightws.Config, not {type(config).__name__}")
+        self.config = config
+        self._core: _lightws.Core | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed: asyncio.Future[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self._sockets: list[socket.socket] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and listen. Raises ``ValueError``/``TypeError`` for an invalid Config,
+        ``OSError`` if the address cannot be bound or a certificate cannot be read."""
+        if self._core is not None:
+            raise RuntimeError("server already started")
+        cfg = self.config
+        if not callable(cfg.handshake):
+            raise TypeError("Config.handshake must be a callable (request, response) -> handler")
+        if not isinstance(cfg.addr, str):
+            raise TypeError(f"Config.addr must be a str like '127.0.0.1:9001', not {cfg.addr!r}")
+        try:
+            level = LogLevel(cfg.log_level)
+        except ValueError:
+            raise ValueError(
+                f"Config.log_level must be a lightws.LogLevel, not {cfg.log_level!r}"
+            ) from None
+        if logger.level == logging.NOTSET:
+            logger.setLevel(_LEVELS[level])
+        loop = asyncio.get_running_loop()
+        core = _lightws.Core(cfg, self._dispatch, self._log, loop)
+        core.start()
+        self._loop = loop
+        self._core = core
+        self._closed = loop.create_future()
+        loop.add_reader(core.fd(), core.drain)
+        addr = core.address()
+        logger.info("lightws listening on %s:%s%s", *(addr or ("?", 0)), " (TLS)" if core.tls else "")
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with port 0)."""
+        addr = self._require_core().address()
+        if addr is None:
+            raise RuntimeError("server is closed")
+        return addr[1]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound ``(host, port)``."""
+        addr = self._require_core().address()
+        if addr is None:
+            raise RuntimeError("server is closed")
+        return addr
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets (duplicated descriptors: closing them does not stop the
+        server)."""
+        core = self._require_core()
+        fd = core.listener_fd()
+        if fd is None:
+            return []
+        if not self._sockets:
+            self._sockets = [socket.socket(fileno=os.dup(fd))]
+        return list(self._sockets)
+
+    @property
+    def is_serving(self) -> bool:
+        return self._core is not None and self._closed is not None and not self._closed.done()
+
+    async def serve_forever(self) -> None:
+        """Wait until the server is closed (by :meth:`close` or from another task)."""
+        if self._closed is None:
+            await self.start()
+        assert self._closed is not None
+        try:
+            await asyncio.shield(self._closed)
+        except asyncio.CancelledError:
+            await self.close()
+            raise
+
+    async def serve(self) -> None:
+        """Start (TLS if ``cert_file`` is set) and serve until closed."""
+        if self._core is None:
+            await self.start()
+        await self.serve_forever()
+
+    async def serve_tls(self) -> None:
+        """Like :meth:`serve`, but requires ``cert_file``/``key_file``."""
+        if not (self.config.cert_file and self.config.key_file):
+            raise ValueError("serve_tls() needs Config.cert_file and Config.key_file")
+        await self.serve()
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection with 1001 (going away), wait up to
+        ``close_timeout`` for them, then stop. Safe to call more than once."""
+        if self._core is None or self._closed is None:
+            return
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        core = self._core
+        loop = self._loop
+        assert core is not None and loop is not None and self._closed is not None
+        core.stop_accepting()
+        for s in self._sockets:
+            s.close()
+        self._sockets = []
+        waits: list[asyncio.Future[Any]] = []
+        for conn in core.connections():
+            try:
+                waits.append(asyncio.ensure_future(_await(conn.close(1001, "server shutdown"))))
+            except Exception:  # pragma: no cover - closing must go on
+                logger.exception("closing connection %s", conn.id)
+        pending = [*waits, *self._tasks]
+        if pending:
+            await asyncio.wait(pending, timeout=self.config.close_timeout + 0.5)
+        tasks = [t for t in self._tasks if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        loop.remove_reader(core.fd())
+        core.shutdown()
+        if not self._closed.done():
+            self._closed.set_result(None)
+        logger.info("lightws server closed")
+
+    async def reload_certificates(self) -> None:
+        """Re-read ``cert_file``/``key_file``; new TLS handshakes use the new
+        certificates, open connections are untouched. On error the old ones stay."""
+        core = self._require_core()
+        await asyncio.get_running_loop().run_in_executor(None, core.reload_certificates)
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- introspection -----------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """A snapshot of the counters, with rates over the last 30 seconds."""
+        d = self._require_core().stats()
+        r = d["rates"]
+        return Stats(
+            connections=d["connections"],
+            max_connections=d["max_connections"],
+            connections_reading=d["connections_reading"],
+            connections_writing=d["connections_writing"],
+            handshakes=d["handshakes"],
+            handshakes_failed=d["handshakes_failed"],
+            bytes_in=d["bytes_in"],
+            bytes_out=d["bytes_out"],
+            frames_in=_opcode_dict(d["frames_in"]),
+            frames_out=_opcode_dict(d["frames_out"]),
+            rates=Rates(
+                handshakes=r["handshakes"],
+                handshakes_failed=r["handshakes_failed"],
+                bytes_in=r["bytes_in"],
+                bytes_out=r["bytes_out"],
+                frames_in=_opcode_dict(r["frames_in"]),
+                frames_out=_opcode_dict(r["frames_out"]),
+            ),
+        )
+
+    @property
+    def connections(self) -> list[Connection]:
+        """The open connections."""
+        return self._require_core().connections()
+
+    def _require_core(self) -> _lightws.Core:
+        if self._core is None:
+            raise RuntimeError("server not started: use 'async with Server(config)' or start()")
+        return self._core
+
+    # -- called from the native core on the loop thread ----------------------------------
+
+    def _log(self, level: int, conn_id: int | None, addr: str | None, msg: str) -> None:
+        pylevel = _LEVELS.get(LogLevel(level), logging.ERROR)
+        if not logger.isEnabledFor(pylevel):
+            return
+        extra = {"conn_id": conn_id, "remote_address": addr}
+        if conn_id is not None:
+            logger.log(pylevel, "[%s #%d] %s", addr, conn_id, msg, extra=extra)
+        elif addr is not None:
+            logger.log(pylevel, "[%s] %s", addr, msg, extra=extra)
+        else:
+            logger.log(pylevel, "%s", msg, extra=extra)
+
+    def _dispatch(
+        self,
+        conn: Connection,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        remote: tuple[str, int],
+        upgrade: bool,
+        subprotocols: list[str],
+    ) -> None:
+        request = Request(method, target, headers, remote, subprotocols, upgrade)
+        conn._init(request)
+        response = Response()
+        try:
+            result = self.config.handshake(request, response)
+        except Exception:
+            self._handshake_failed(conn, request)
+            return
+        if inspect.isawaitable(result):
+            self._spawn(self._finish_async(conn, request, response, result))
+        else:
+            self._finish(conn, request, response, result)
+
+    async def _finish_async(
+        self, conn: Connection, request: Request, response: Response, pending: Any
+    ) -> None:
+        try:
+            result = await pending
+        except Exception:
+            self._handshake_failed(conn, request)
+            return
+        self._finish(conn, request, response, result)
+
+    def _handshake_failed(self, conn: Connection, request: Request) -> None:
+        logger.exception(
+            "[%s:%s #%d] handshake callable raised for %s",
+            *request.remote_address,
+            conn.id,
+            request.target,
+        )
+        _reject(conn, 500, [], b"Internal Server Error")
+
+    def _finish(self, conn: Connection, request: Request, response: Response, result: Any) -> None:
+        if result is None or not request.upgrade:
+            status = response.status
+            if status is None:
+                status = 403 if request.upgrade else 404
+            _reject(conn, status, response.headers.raw_items(), response.body)
+            return
+        if not callable(result):
+            logger.error(
+                "handshake callable must return an async handler or None, got %r", result
+            )
+            _reject(conn, 500, [], b"Internal Server Error")
+            return
+        sub = response.subprotocol
+        if sub is not None and sub not in request.subprotocols:
+            logger.error(
+                "response.subprotocol %r was not offered by the client (offered: %r)",
+                sub,
+                request.subprotocols,
+            )
+            _reject(conn, 500, [], b"Internal Server Error")
+            return
+        try:
+            conn._accept(response.headers.raw_items(), sub)
+        except ValueError:
+            logger.exception("invalid handshake response")
+            _reject(conn, 500, [], b"Internal Server Error")
+            return
+        self._spawn(self._run(result, conn))
+
+    async def _run(self, handler: Handler, conn: Connection) -> None:
+        code = 1000
+        try:
+            await handler(conn)
+        except ConnectionClosed:
+            pass
+        except asyncio.CancelledError:
+            conn.abort()
+            raise
+        except Exception:
+            logger.exception(
+                "[%s:%s #%d] handler raised; closing with 1011", *conn.remote_address, conn.id
+            )
+            code = 1011
+        if not conn.closed:
+            try:
+                await conn.close(code)
+            except ConnectionClosed:
+                pass
+
+    def _spawn(self, coro: Any) -> None:
+        assert self._loop is not None
+        task: asyncio.Task[None] = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _reject(conn: Connection, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+    try:
+        conn._reject(status, headers, body)
+    except ValueError:
+        logger.exception("invalid handshake response")
+        conn._reject(500, [], b"Internal Server Error")
+    except RuntimeError:
+        pass  # already answered
+
+
+async def _await(aw: Any) -> None:
+    await aw

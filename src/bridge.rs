@@ -1,0 +1,1246 @@
+//! The asyncio side of the bridge (DESIGN.md §2): the Python classes `Connection`,
+//! `Message` and the private `Core` that owns the tokio runtime and drains the hub.
+//!
+//! Everything here runs on the event-loop thread with the GIL held. Tokio threads only
+//! push events into the hub (hub.rs) and never call into this module.
+//!
+//! Hot paths:
+//! - `recv()` with a message already queued returns a completed awaitable ([`Ready`]):
+//!   no future, no loop round-trip. Otherwise it returns an `asyncio.Future` that
+//!   `drain` completes. A cancelled future never consumed a message, so cancelling a
+//!   pending `recv()` loses nothing.
+//! - `send()` encodes the frame straight into the connection's outbox (one copy), wakes
+//!   the connection task only if the outbox was empty, and returns a shared completed
+//!   awaitable unless more than `write_limit` bytes are queued.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyStopIteration, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString, PyTuple};
+use tokio::sync::{oneshot, watch};
+
+use crate::conn::{
+    describe_frame, CloseInfo, ConnConfig, ConnShared, InMsg, Inbox, ABNORMAL_CLOSURE, LOG_DEBUG,
+};
+use crate::frame::{self, OpCode};
+use crate::handshake;
+use crate::hub::{Event, HandshakeEvent, Hub, Reply};
+use crate::server::{self, ServerConfig, ServerShared};
+use crate::stats::{Stats, OPCODES};
+use crate::tls::{self, CertStore, TlsError};
+
+/// Python objects looked up once: Opcode members and the ConnectionClosed classes.
+struct PyApi {
+    opcodes: Vec<Option<Py<PyAny>>>,
+    closed_ok: Py<PyAny>,
+    closed_error: Py<PyAny>,
+}
+
+static API: PyOnceLock<PyApi> = PyOnceLock::new();
+
+fn api(py: Python<'_>) -> PyResult<&PyApi> {
+    API.get_or_try_init(py, || {
+        let types = py.import("lightws._types")?;
+        let opcode_cls = types.getattr("Opcode")?;
+        let mut opcodes = Vec::with_capacity(OPCODES);
+        for i in 0..OPCODES as u8 {
+            opcodes.push(match OpCode::from_u8(i) {
+                Some(_) => Some(opcode_cls.call1((i,))?.unbind()),
+                None => None,
+            });
+        }
+        let exc = py.import("lightws.exceptions")?;
+        Ok(PyApi {
+            opcodes,
+            closed_ok: exc.getattr("ConnectionClosedOK")?.unbind(),
+            closed_error: exc.getattr("ConnectionClosedError")?.unbind(),
+        })
+    })
+}
+
+fn closed_exception(py: Python<'_>, info: &CloseInfo) -> PyErr {
+    match api(py) {
+        Ok(api) => {
+            let cls = if matches!(info.code, 1000 | 1001) {
+                &api.closed_ok
+            } else {
+                &api.closed_error
+            };
+            match cls.call1(py, (info.code, info.reason.as_str())) {
+                Ok(obj) => PyErr::from_value(obj.into_bound(py)),
+                Err(e) => e,
+            }
+        }
+        Err(e) => e,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Ready: a completed awaitable.
+
+/// An awaitable that is already complete: awaiting it returns its value (or raises its
+/// error) without suspending.
+#[pyclass(module = "lightws._lightws")]
+pub struct Ready {
+    value: Option<Py<PyAny>>,
+    error: Option<PyErr>,
+}
+
+#[pymethods]
+impl Ready {
+    fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        let v = self.value.take().unwrap_or_else(|| py.None());
+        Err(PyStopIteration::new_err((v,)))
+    }
+    fn send(&mut self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.__next__(py)
+    }
+    #[pyo3(signature = (typ, val=None, _tb=None))]
+    fn throw(
+        &mut self,
+        typ: &Bound<'_, PyAny>,
+        val: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let exc = match val {
+            Some(v) if !v.is_none() => v.clone(),
+            _ => typ.clone(),
+        };
+        Err(PyErr::from_value(exc))
+    }
+    fn close(&mut self) {
+        self.value = None;
+        self.error = None;
+    }
+}
+
+static DONE: PyOnceLock<Py<Ready>> = PyOnceLock::new();
+
+/// The shared completed awaitable that returns None (stateless, so one serves all).
+fn done(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    let r = DONE.get_or_try_init(py, || {
+        Py::new(
+            py,
+            Ready {
+                value: None,
+                error: None,
+            },
+        )
+    })?;
+    Ok(r.clone_ref(py).into_any())
+}
+
+fn ready_value(py: Python<'_>, value: Py<PyAny>) -> PyResult<Py<PyAny>> {
+    Ok(Py::new(
+        py,
+        Ready {
+            value: Some(value),
+            error: None,
+        },
+    )?
+    .into_any())
+}
+
+fn ready_error(py: Python<'_>, err: PyErr) -> PyResult<Py<PyAny>> {
+    Ok(Py::new(
+        py,
+        Ready {
+            value: None,
+            error: Some(err),
+        },
+    )?
+    .into_any())
+}
+
+// ---------------------------------------------------------------------------------------
+// Message
+
+/// One WebSocket message: an opcode and its payload.
+///
+/// `Message(Opcode.TEXT, b"hi")`; `body` is always `bytes` (a `str` body is encoded as
+/// UTF-8). `text` decodes the body as UTF-8 (TEXT messages from peers are already
+/// validated).
+#[pyclass(module = "lightws", frozen, name = "Message")]
+pub struct Message {
+    opcode: u8,
+    body: Py<PyBytes>,
+}
+
+fn known_opcode(v: i64) -> PyResult<OpCode> {
+    u8::try_from(v)
+        .ok()
+        .and_then(OpCode::from_u8)
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{v} is not a WebSocket opcode (use lightws.Opcode: 0, 1, 2, 8, 9 or 10)"
+            ))
+        })
+}
+
+/// Bytes-like or str to bytes; None for unsupported types.
+fn to_bytes<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let py = obj.py();
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(Some(b.clone()));
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        return Ok(Some(PyBytes::new(py, s.to_str()?.as_bytes())));
+    }
+    if let Ok(b) = obj.cast::<PyByteArray>() {
+        return Ok(Some(PyBytes::new(py, &b.to_vec())));
+    }
+    if obj.hasattr("__buffer__")? || obj.get_type().name()? == "memoryview" {
+        let b = py.get_type::<PyBytes>().call1((obj,))?;
+        return Ok(Some(b.cast_into::<PyBytes>()?));
+    }
+    Ok(None)
+}
+
+#[pymethods]
+impl Message {
+    #[new]
+    #[pyo3(signature = (opcode, body = None))]
+    fn new(py: Python<'_>, opcode: i64, body: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let op = known_opcode(opcode)?;
+        let body = match body {
+            None => PyBytes::new(py, b""),
+            Some(b) => to_bytes(b)?.ok_or_else(|| {
+                PyTypeError::new_err(format!(
+                    "Message body must be bytes-like or str, not {}",
+                    type_name(b)
+                ))
+            })?,
+        };
+        Ok(Self {
+            opcode: op.as_u8(),
+            body: body.unbind(),
+        })
+    }
+
+    /// The opcode, a `lightws.Opcode`.
+    #[getter]
+    fn opcode(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let api = api(py)?;
+        Ok(api.opcodes[self.opcode as usize]
+            .as_ref()
+            .map(|o| o.clone_ref(py))
+            .unwrap_or_else(|| py.None()))
+    }
+
+    /// The payload as bytes.
+    #[getter]
+    fn body(&self, py: Python<'_>) -> Py<PyBytes> {
+        self.body.clone_ref(py)
+    }
+
+    /// The payload decoded as UTF-8 (raises UnicodeDecodeError if it is not).
+    #[getter]
+    fn text<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.body.bind(py).call_method1("decode", ("utf-8",))
+    }
+
+    #[classattr]
+    fn __match_args__() -> (&'static str, &'static str) {
+        ("opcode", "body")
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let name = match OpCode::from_u8(self.opcode) {
+            Some(OpCode::Continuation) => "CONTINUATION",
+            Some(OpCode::Text) => "TEXT",
+            Some(OpCode::Binary) => "BINARY",
+            Some(OpCode::Close) => "CLOSE",
+            Some(OpCode::Ping) => "PING",
+            Some(OpCode::Pong) => "PONG",
+            None => "?",
+        };
+        let body = self.body.bind(py);
+        let shown = if body.as_bytes().len() > 60 {
+            format!(
+                "{}...({} bytes)",
+                PyBytes::new(py, &body.as_bytes()[..60]).repr()?,
+                body.as_bytes().len()
+            )
+        } else {
+            body.repr()?.to_string()
+        };
+        Ok(format!("Message(Opcode.{name}, {shown})"))
+    }
+
+    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> bool {
+        match other.cast::<Message>() {
+            Ok(o) => {
+                let o = o.get();
+                o.opcode == self.opcode
+                    && o.body.bind(py).as_bytes() == self.body.bind(py).as_bytes()
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn __hash__(&self, py: Python<'_>) -> PyResult<isize> {
+        PyTuple::new(
+            py,
+            [
+                self.opcode.into_pyobject(py)?.into_any(),
+                self.body.bind(py).clone().into_any(),
+            ],
+        )?
+        .hash()
+    }
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "object".into())
+}
+
+fn make_message(py: Python<'_>, m: InMsg) -> PyResult<Py<PyAny>> {
+    let body = PyBytes::new(py, &m.data).unbind();
+    drop(m.data);
+    Ok(Py::new(
+        py,
+        Message {
+            opcode: m.opcode.as_u8(),
+            body,
+        },
+    )?
+    .into_any())
+}
+
+// ---------------------------------------------------------------------------------------
+// Connection
+
+#[derive(Default)]
+struct PyState {
+    /// The pending recv() future, and whether it serves `__anext__`.
+    recv: Option<(Py<PyAny>, bool)>,
+    drains: Vec<Py<PyAny>>,
+    closers: Vec<Py<PyAny>>,
+    reply: Option<oneshot::Sender<Reply>>,
+    /// Set when the task ended (socket closed).
+    finished: bool,
+    sent_close: Option<CloseInfo>,
+}
+
+/// One WebSocket connection, handed to your handler.
+///
+/// Receive with `await conn.recv()` or `async for msg in conn`; send with
+/// `await conn.send(x)`; close with `await conn.close(code, reason)`.
+#[pyclass(module = "lightws", frozen, name = "Connection", weakref)]
+pub struct Connection {
+    shared: Arc<ConnShared>,
+    st: Mutex<PyState>,
+    event_loop: Py<PyAny>,
+    request: OnceLock<Py<PyAny>>,
+    subprotocol: OnceLock<Option<String>>,
+}
+
+impl Connection {
+    fn create_future(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.event_loop.call_method0(py, "create_future")
+    }
+
+    fn closed_info(&self, inbox: &Inbox) -> CloseInfo {
+        inbox.closed.clone().unwrap_or(CloseInfo {
+            code: ABNORMAL_CLOSURE,
+            reason: String::new(),
+        })
+    }
+
+    fn closed_error_now(&self, py: Python<'_>) -> PyErr {
+        let info = {
+            let inbox = self.shared.inbox.lock();
+            inbox.closed.clone()
+        };
+        let info = info
+            .or_else(|| self.st.lock().sent_close.clone())
+            .unwrap_or(CloseInfo {
+                code: ABNORMAL_CLOSURE,
+                reason: String::new(),
+            });
+        closed_exception(py, &info)
+    }
+
+    fn recv_impl(&self, py: Python<'_>, anext: bool) -> PyResult<Py<PyAny>> {
+        let mut inbox = self.shared.inbox.lock();
+        if let Some(m) = inbox.queue.pop_front() {
+            inbox.bytes -= m.data.len();
+            self.shared.resume_if_paused(&mut inbox);
+            drop(inbox);
+            return ready_value(py, make_message(py, m)?);
+        }
+        if inbox.closed.is_some() {
+            let info = self.closed_info(&inbox);
+            drop(inbox);
+            return ready_error(py, end_error(py, &info, anext));
+        }
+        let mut st = self.st.lock();
+        if let Some((f, _)) = &st.recv {
+            if !f.call_method0(py, "done")?.is_truthy(py)? {
+                return Err(PyRuntimeError::new_err(
+                    "cannot call recv() while another coroutine is already waiting for the \
+                     next message on this connection",
+                ));
+            }
+        }
+        // Still under the inbox lock: a message that lands after this line sees
+        // `waiting` and pushes Event::Readable, so the wake-up cannot be lost.
+        inbox.waiting = true;
+        drop(inbox);
+        let fut = self.create_future(py)?;
+        st.recv = Some((fut.clone_ref(py), anext));
+        Ok(fut)
+    }
+
+    /// Event::Readable: complete the pending recv() future if it is still wanted.
+    fn on_readable(&self, py: Python<'_>) -> PyResult<()> {
+        let (fut, anext) = match self.st.lock().recv.take() {
+            Some(w) => w,
+            None => return Ok(()),
+        };
+        if fut.call_method0(py, "done")?.is_truthy(py)? {
+            // Cancelled: the message stays queued for the next recv().
+            return Ok(());
+        }
+        let mut inbox = self.shared.inbox.lock();
+        if let Some(m) = inbox.queue.pop_front() {
+            inbox.bytes -= m.data.len();
+            self.shared.resume_if_paused(&mut inbox);
+            drop(inbox);
+            let msg = make_message(py, m)?;
+            fut.call_method1(py, "set_result", (msg,))?;
+        } else if inbox.closed.is_some() {
+            let info = self.closed_info(&inbox);
+            drop(inbox);
+            let err = end_error(py, &info, anext);
+            fut.call_method1(py, "set_exception", (err.into_value(py),))?;
+        } else {
+            inbox.waiting = true;
+            drop(inbox);
+            self.st.lock().recv = Some((fut, anext));
+        }
+        Ok(())
+    }
+
+    fn on_drained(&self, py: Python<'_>) -> PyResult<()> {
+        let drains = std::mem::take(&mut self.st.lock().drains);
+        for f in drains {
+            if !f.call_method0(py, "done")?.is_truthy(py)? {
+                f.call_method1(py, "set_result", (py.None(),))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_closed(&self, py: Python<'_>) -> PyResult<()> {
+        let (closers, drains) = {
+            let mut st = self.st.lock();
+            st.finished = true;
+            st.reply = None;
+            (
+                std::mem::take(&mut st.closers),
+                std::mem::take(&mut st.drains),
+            )
+        };
+        self.on_readable(py)?;
+        for f in closers {
+            if !f.call_method0(py, "done")?.is_truthy(py)? {
+                f.call_method1(py, "set_result", (py.None(),))?;
+            }
+        }
+        for f in drains {
+            if !f.call_method0(py, "done")?.is_truthy(py)? {
+                let err = self.closed_error_now(py);
+                f.call_method1(py, "set_exception", (err.into_value(py),))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue one frame; returns the awaitable for `send()`.
+    fn enqueue(&self, py: Python<'_>, op: OpCode, data: &[u8]) -> PyResult<Py<PyAny>> {
+        if op.is_control() && data.len() > frame::MAX_CONTROL_PAYLOAD {
+            return Err(PyValueError::new_err(format!(
+                "control frame payload is {} bytes; RFC 6455 allows at most 125",
+                data.len()
+            )));
+        }
+        let cfg = &self.shared.cfg;
+        let mut ob = self.shared.outbox.lock();
+        if ob.closed || ob.closing {
+            drop(ob);
+            return Err(self.closed_error_now(py));
+        }
+        let was_empty = ob.buf.is_empty();
+        frame::encode_header(&mut ob.buf, true, op, data.len() as u64, None);
+        ob.buf.extend_from_slice(data);
+        let over = ob.buf.len() > cfg.write_limit;
+        if over {
+            ob.drain_waiting = true;
+        }
+        drop(ob);
+        if was_empty {
+            self.shared.waker.wake();
+        }
+        self.shared.stats.frame_out(op);
+        if cfg.log_level >= LOG_DEBUG {
+            self.shared
+                .log(LOG_DEBUG, || describe_frame("send", op, data));
+        }
+        if over {
+            let fut = self.create_future(py)?;
+            self.st.lock().drains.push(fut.clone_ref(py));
+            Ok(fut)
+        } else {
+            done(py)
+        }
+    }
+
+    fn reply(&self, r: Reply) -> PyResult<()> {
+        let tx = self.st.lock().reply.take().ok_or_else(|| {
+            PyRuntimeError::new_err("this connection's handshake was already answered")
+        })?;
+        // The receiver is gone only if the client left or the server stopped.
+        let _ = tx.send(r);
+        Ok(())
+    }
+}
+
+fn end_error(py: Python<'_>, info: &CloseInfo, anext: bool) -> PyErr {
+    if anext && matches!(info.code, 1000 | 1001) {
+        pyo3::exceptions::PyStopAsyncIteration::new_err(())
+    } else {
+        closed_exception(py, info)
+    }
+}
+
+fn check_headers(headers: &[(String, String)]) -> PyResult<()> {
+    for (n, v) in headers {
+        handshake::check_header(n, v)
+            .map_err(|e| PyValueError::new_err(format!("invalid response header {n:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Close codes an endpoint may send (RFC 6455 7.4.1; 1004-1006 and 1015 are reserved).
+fn sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+#[pymethods]
+impl Connection {
+    /// Wait for the next message and return it.
+    ///
+    /// Raises `ConnectionClosedOK` (peer closed with 1000/1001) or
+    /// `ConnectionClosedError` once the connection is closed and every message received
+    /// before the close has been returned. Cancelling a pending `recv()` loses no message.
+    fn recv(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.recv_impl(py, false)
+    }
+
+    fn __aiter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __anext__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.recv_impl(py, true)
+    }
+
+    /// Send a message: `str` as TEXT, bytes-like as BINARY, a `Message` as given.
+    ///
+    /// Completes at once unless more than `write_limit` bytes are queued; then it waits
+    /// until the connection has written them. Raises `ConnectionClosed` after a close.
+    fn send(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        if let Ok(b) = message.cast::<PyBytes>() {
+            return self.enqueue(py, OpCode::Binary, b.as_bytes());
+        }
+        if let Ok(s) = message.cast::<PyString>() {
+            return self.enqueue(py, OpCode::Text, s.to_str()?.as_bytes());
+        }
+        if let Ok(m) = message.cast::<Message>() {
+            let m = m.get();
+            let op = OpCode::from_u8(m.opcode).unwrap_or(OpCode::Binary);
+            match op {
+                OpCode::Close => {
+                    return Err(PyValueError::new_err(
+                        "send a close with `await conn.close(code, reason)`, not send()",
+                    ))
+                }
+                OpCode::Continuation => {
+                    return Err(PyValueError::new_err(
+                        "CONTINUATION frames are sent by conn.writer(), not send()",
+                    ))
+                }
+                _ => return self.enqueue(py, op, m.body.bind(py).as_bytes()),
+            }
+        }
+        match to_bytes(message)? {
+            Some(b) => self.enqueue(py, OpCode::Binary, b.as_bytes()),
+            None => Err(PyTypeError::new_err(format!(
+                "send() takes str, a bytes-like object or lightws.Message, not {}",
+                type_name(message)
+            ))),
+        }
+    }
+
+    /// Send a TEXT message.
+    fn send_text(&self, py: Python<'_>, text: &Bound<'_, PyString>) -> PyResult<Py<PyAny>> {
+        self.enqueue(py, OpCode::Text, text.to_str()?.as_bytes())
+    }
+
+    /// Send a BINARY message.
+    fn send_binary(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let b = self.bytes_arg(data, "send_binary")?;
+        self.enqueue(py, OpCode::Binary, b.as_bytes())
+    }
+
+    /// Send a PING (payload at most 125 bytes).
+    #[pyo3(signature = (data = None))]
+    fn send_ping(&self, py: Python<'_>, data: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+        match data {
+            None => self.enqueue(py, OpCode::Ping, b""),
+            Some(d) => {
+                let b = self.bytes_arg(d, "send_ping")?;
+                self.enqueue(py, OpCode::Ping, b.as_bytes())
+            }
+        }
+    }
+
+    /// Send a PONG (payload at most 125 bytes).
+    #[pyo3(signature = (data = None))]
+    fn send_pong(&self, py: Python<'_>, data: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+        match data {
+            None => self.enqueue(py, OpCode::Pong, b""),
+            Some(d) => {
+                let b = self.bytes_arg(d, "send_pong")?;
+                self.enqueue(py, OpCode::Pong, b.as_bytes())
+            }
+        }
+    }
+
+    /// Close gracefully: send a close frame, wait up to `close_timeout` for the peer's,
+    /// then close TCP. Returns when the connection is closed. Idempotent.
+    #[pyo3(signature = (code = 1000, reason = ""))]
+    fn close(&self, py: Python<'_>, code: u16, reason: &str) -> PyResult<Py<PyAny>> {
+        if !sendable_close_code(code) {
+            return Err(PyValueError::new_err(format!(
+                "close code {code} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999"
+            )));
+        }
+        if reason.len() > 123 {
+            return Err(PyValueError::new_err(format!(
+                "close reason is {} bytes in UTF-8; at most 123 fit in a close frame",
+                reason.len()
+            )));
+        }
+        let mut st = self.st.lock();
+        if st.finished {
+            return done(py);
+        }
+        let mut ob = self.shared.outbox.lock();
+        if ob.closed {
+            return done(py);
+        }
+        if !ob.closing {
+            ob.closing = true;
+            let was_empty = ob.buf.is_empty();
+            let payload = frame::close_payload(Some(code), reason);
+            frame::encode_frame(&mut ob.buf, true, OpCode::Close, &payload, None);
+            drop(ob);
+            st.sent_close = Some(CloseInfo {
+                code,
+                reason: reason.to_owned(),
+            });
+            self.shared.stats.frame_out(OpCode::Close);
+            if self.shared.cfg.log_level >= LOG_DEBUG {
+                self.shared.log(LOG_DEBUG, || {
+                    format!("send CLOSE code={code} reason={reason:?}")
+                });
+            }
+            // Always wake: even with frames still queued, the close starts its timer.
+            let _ = was_empty;
+            self.shared.waker.wake();
+        } else {
+            drop(ob);
+        }
+        let fut = self.create_future(py)?;
+        st.closers.push(fut.clone_ref(py));
+        Ok(fut)
+    }
+
+    /// Close the TCP connection now, without a close handshake.
+    fn abort(&self) {
+        self.shared.outbox.lock().abort = true;
+        self.shared.waker.wake();
+    }
+
+    /// A number unique to this connection within the process.
+    #[getter]
+    fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The `lightws.Request` this connection was upgraded from.
+    #[getter]
+    fn request(&self, py: Python<'_>) -> Py<PyAny> {
+        self.request
+            .get()
+            .map(|r| r.clone_ref(py))
+            .unwrap_or_else(|| py.None())
+    }
+
+    /// The peer's `(host, port)`.
+    #[getter]
+    fn remote_address(&self) -> (String, u16) {
+        (
+            self.shared.remote.ip().to_string(),
+            self.shared.remote.port(),
+        )
+    }
+
+    /// The subprotocol chosen in the handshake, or None.
+    #[getter]
+    fn subprotocol(&self) -> Option<String> {
+        self.subprotocol.get().cloned().flatten()
+    }
+
+    /// True once the connection is closed (a close frame was received or sent and
+    /// answered, or the socket dropped).
+    #[getter]
+    fn closed(&self) -> bool {
+        self.st.lock().finished || self.shared.inbox.lock().closed.is_some()
+    }
+
+    /// The close code, once closed (1006 if the socket dropped without a close frame).
+    #[getter]
+    fn close_code(&self) -> Option<u16> {
+        self.shared.inbox.lock().closed.as_ref().map(|c| c.code)
+    }
+
+    /// The close reason, once closed.
+    #[getter]
+    fn close_reason(&self) -> Option<String> {
+        self.shared
+            .inbox
+            .lock()
+            .closed
+            .as_ref()
+            .map(|c| c.reason.clone())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<lightws.Connection id={} remote={}>",
+            self.shared.id, self.shared.remote
+        )
+    }
+
+    // -- used by lightws.server during the handshake ------------------------------------
+
+    fn _init(&self, request: Py<PyAny>) {
+        let _ = self.request.set(request);
+    }
+
+    #[pyo3(signature = (headers, subprotocol = None))]
+    fn _accept(&self, headers: Vec<(String, String)>, subprotocol: Option<String>) -> PyResult<()> {
+        check_headers(&headers)?;
+        if let Some(p) = &subprotocol {
+            handshake::check_header("Sec-WebSocket-Protocol", p)
+                .map_err(|e| PyValueError::new_err(format!("invalid subprotocol {p:?}: {e}")))?;
+        }
+        let _ = self.subprotocol.set(subprotocol.clone());
+        self.reply(Reply::Accept {
+            headers,
+            subprotocol,
+        })
+    }
+
+    fn _reject(&self, status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> PyResult<()> {
+        if !(200..=599).contains(&status) {
+            return Err(PyValueError::new_err(format!(
+                "response.status must be 200-599 when not accepting, got {status}"
+            )));
+        }
+        check_headers(&headers)?;
+        self.reply(Reply::Respond {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+impl Connection {
+    fn bytes_arg<'py>(
+        &self,
+        data: &Bound<'py, PyAny>,
+        what: &str,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        if data.cast::<PyString>().is_ok() {
+            return Err(PyTypeError::new_err(format!(
+                "{what}() takes a bytes-like object, not str (use .encode())"
+            )));
+        }
+        to_bytes(data)?.ok_or_else(|| {
+            PyTypeError::new_err(format!(
+                "{what}() takes a bytes-like object, not {}",
+                type_name(data)
+            ))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Core
+
+/// The native half of `lightws.Server` (private): owns the tokio runtime, the listener
+/// and the hub, and dispatches hub events on the loop thread.
+#[pyclass(module = "lightws._lightws", frozen)]
+pub struct Core {
+    srv: Arc<ServerShared>,
+    hub: Arc<Hub>,
+    event_loop: Py<PyAny>,
+    dispatch: Py<PyAny>,
+    log: Py<PyAny>,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    conns: Mutex<HashMap<u64, Py<Connection>>>,
+    stop: Mutex<Option<watch::Sender<bool>>>,
+    local: Mutex<Option<(SocketAddr, i32)>>,
+}
+
+fn get<'py, T: FromPyObjectOwned<'py>>(cfg: &Bound<'py, PyAny>, name: &str) -> PyResult<T> {
+    cfg.getattr(name)?.extract::<T>().map_err(|e| {
+        let e: PyErr = e.into();
+        PyTypeError::new_err(format!("Config.{name}: {e}"))
+    })
+}
+
+fn seconds(cfg: &Bound<'_, PyAny>, name: &str, allow_zero: bool) -> PyResult<Option<Duration>> {
+    let v: Option<f64> = get(cfg, name)?;
+    match v {
+        None => Ok(None),
+        Some(s) if !s.is_finite() || s < 0.0 => Err(PyValueError::new_err(format!(
+            "Config.{name} must be a non-negative number of seconds, got {s}"
+        ))),
+        Some(s) if s == 0.0 && !allow_zero => Ok(None),
+        Some(s) => Ok(Some(Duration::from_secs_f64(s))),
+    }
+}
+
+fn size(cfg: &Bound<'_, PyAny>, name: &str, min: i64) -> PyResult<usize> {
+    let v: i64 = get(cfg, name)?;
+    if v < min {
+        return Err(PyValueError::new_err(format!(
+            "Config.{name} must be at least {min}, got {v}"
+        )));
+    }
+    Ok(v as usize)
+}
+
+fn opt_size(cfg: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<usize>> {
+    let v: Option<i64> = get(cfg, name)?;
+    match v {
+        None => Ok(None),
+        Some(v) if v <= 0 => Err(PyValueError::new_err(format!(
+            "Config.{name} must be a positive number of bytes or None, got {v}"
+        ))),
+        Some(v) => Ok(Some(v as usize)),
+    }
+}
+
+fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
+    let addr: String = get(cfg, "addr")?;
+    server::parse_addr(&addr).map_err(PyValueError::new_err)?;
+    let log_level: i64 = get(cfg, "log_level")?;
+    if !(0..=3).contains(&log_level) {
+        return Err(PyValueError::new_err(format!(
+            "Config.log_level must be a lightws.LogLevel (0-3), got {log_level}"
+        )));
+    }
+    let max_msg_len = size(cfg, "max_msg_len", 1)?;
+    let write_limit = size(cfg, "write_limit", 1)?;
+    let close_timeout = seconds(cfg, "close_timeout", true)?.unwrap_or_default();
+    let threads = size(cfg, "threads", 1)?;
+    if threads > 256 {
+        return Err(PyValueError::new_err("Config.threads must be 1-256"));
+    }
+    let cert: Option<String> = get(cfg, "cert_file")?;
+    let key: Option<String> = get(cfg, "key_file")?;
+    if cert.is_some() != key.is_some() {
+        return Err(PyValueError::new_err(
+            "Config.cert_file and Config.key_file must be set together (both PEM paths) for TLS",
+        ));
+    }
+    let conn = ConnConfig {
+        max_msg_len: max_msg_len as u64,
+        ws_read_buffer: size(cfg, "ws_read_buffer", 16)?,
+        ws_write_buffer: size(cfg, "ws_write_buffer", 16)?,
+        close_timeout,
+        auto_pong: get(cfg, "auto_pong")?,
+        ping_interval: seconds(cfg, "ping_interval", false)?,
+        ping_timeout: seconds(cfg, "ping_timeout", false)?,
+        idle_timeout: seconds(cfg, "idle_timeout", false)?,
+        write_limit,
+        inbox_limit: max_msg_len.clamp(64 * 1024, 4 * 1024 * 1024).max(64 * 1024),
+        log_level: log_level as u8,
+    };
+    let backlog = size(cfg, "backlog", 1)?.min(65535) as i32;
+    Ok(ServerConfig {
+        addr,
+        conn: Arc::new(conn),
+        sock_read_buffer: opt_size(cfg, "sock_read_buffer")?,
+        sock_write_buffer: opt_size(cfg, "sock_write_buffer")?,
+        http_read_buffer: size(cfg, "http_read_buffer", 64)?,
+        http_write_buffer: size(cfg, "http_write_buffer", 64)?,
+        handshake_read_timeout: seconds(cfg, "handshake_read_timeout", true)?.unwrap_or_default(),
+        handshake_write_timeout: seconds(cfg, "handshake_write_timeout", true)?.unwrap_or_default(),
+        tcp_keepalive: seconds(cfg, "tcp_keepalive", false)?,
+        max_connections: size(cfg, "max_connections", 0)?,
+        backlog,
+        threads,
+        http_fallback: get(cfg, "http_fallback")?,
+        io_statistics: get(cfg, "io_statistics")?,
+        cert_file: cert,
+        key_file: key,
+    })
+}
+
+fn tls_err(e: TlsError) -> PyErr {
+    if e.is_os_error() {
+        PyOSError::new_err(e.to_string())
+    } else {
+        PyValueError::new_err(e.to_string())
+    }
+}
+
+impl Core {
+    fn conn(&self, py: Python<'_>, id: u64) -> Option<Py<Connection>> {
+        self.conns.lock().get(&id).map(|c| c.clone_ref(py))
+    }
+
+    fn on_handshake(&self, py: Python<'_>, h: HandshakeEvent) -> PyResult<()> {
+        let HandshakeEvent {
+            conn,
+            request,
+            upgrade,
+            subprotocols,
+            reply,
+        } = h;
+        let remote = (conn.remote.ip().to_string(), conn.remote.port());
+        let id = conn.id;
+        let obj = Py::new(
+            py,
+            Connection {
+                shared: conn,
+                st: Mutex::new(PyState {
+                    reply: Some(reply),
+                    ..Default::default()
+                }),
+                event_loop: self.event_loop.clone_ref(py),
+                request: OnceLock::new(),
+                subprotocol: OnceLock::new(),
+            },
+        )?;
+        self.conns.lock().insert(id, obj.clone_ref(py));
+        let r = self.dispatch.call1(
+            py,
+            (
+                obj.clone_ref(py),
+                request.method,
+                request.target,
+                request.headers,
+                remote,
+                upgrade,
+                subprotocols,
+            ),
+        );
+        if let Err(e) = r {
+            // The dispatcher itself failed (a bug, not the user's callback): answer 500.
+            self.emit_log(py, 0, None, &format!("handshake dispatch failed: {e}"));
+            let _ = obj.get().reply(Reply::Respond {
+                status: 500,
+                headers: Vec::new(),
+                body: b"Internal Server Error".to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn emit_log(&self, py: Python<'_>, level: u8, conn: Option<(u64, SocketAddr)>, msg: &str) {
+        let (id, addr) = match conn {
+            Some((id, a)) => (Some(id).filter(|i| *i != 0), Some(a.to_string())),
+            None => (None, None),
+        };
+        if let Err(e) = self.log.call1(py, (level, id, addr, msg)) {
+            e.write_unraisable(py, None);
+        }
+    }
+
+    fn handle(&self, py: Python<'_>, ev: Event) -> PyResult<()> {
+        match ev {
+            Event::Readable(id) => {
+                if let Some(c) = self.conn(py, id) {
+                    c.get().on_readable(py)?;
+                }
+            }
+            Event::Drained(id) => {
+                if let Some(c) = self.conn(py, id) {
+                    c.get().on_drained(py)?;
+                }
+            }
+            Event::Closed(id) => {
+                let c = self.conns.lock().remove(&id);
+                if let Some(c) = c {
+                    c.get().on_closed(py)?;
+                }
+            }
+            Event::Handshake(h) => self.on_handshake(py, *h)?,
+            Event::Log(l) => self.emit_log(py, l.level, l.conn, &l.msg),
+        }
+        Ok(())
+    }
+}
+
+/// Events handled per drain call before yielding back to the event loop.
+const DRAIN_BATCH: usize = 1024;
+
+#[pymethods]
+impl Core {
+    #[new]
+    fn new(
+        config: &Bound<'_, PyAny>,
+        dispatch: Py<PyAny>,
+        log: Py<PyAny>,
+        event_loop: Py<PyAny>,
+    ) -> PyResult<Self> {
+        let cfg = build_config(config)?;
+        let hub = Arc::new(Hub::new().map_err(|e| PyOSError::new_err(e.to_string()))?);
+        let tls = match (&cfg.cert_file, &cfg.key_file) {
+            (Some(c), Some(k)) => {
+                let store = CertStore::load(c, k).map_err(tls_err)?;
+                let sc = tls::server_config(store.clone()).map_err(tls_err)?;
+                Some((store, tokio_rustls::TlsAcceptor::from(sc)))
+            }
+            _ => None,
+        };
+        let srv = Arc::new(ServerShared {
+            cfg,
+            hub: hub.clone(),
+            stats: Arc::new(Stats::new()),
+            tls,
+        });
+        Ok(Self {
+            srv,
+            hub,
+            event_loop,
+            dispatch,
+            log,
+            runtime: Mutex::new(None),
+            conns: Mutex::new(HashMap::new()),
+            stop: Mutex::new(None),
+            local: Mutex::new(None),
+        })
+    }
+
+    /// Bind, listen and start accepting. Raises OSError if the address cannot be bound.
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        let mut rt_slot = self.runtime.lock();
+        if rt_slot.is_some() {
+            return Err(PyRuntimeError::new_err("server already started"));
+        }
+        let srv = self.srv.clone();
+        let listener = py.detach(|| server::bind(&srv.cfg)).map_err(|e| {
+            PyOSError::new_err((
+                e.raw_os_error().unwrap_or(0),
+                format!("cannot listen on {}: {e}", srv.cfg.addr),
+            ))
+        })?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(srv.cfg.threads)
+            .thread_name("lightws-io")
+            .enable_all()
+            .build()
+            .map_err(|e| PyOSError::new_err(format!("cannot start the I/O runtime: {e}")))?;
+        let (tx, rx) = watch::channel(false);
+        let fd = {
+            use std::os::fd::AsRawFd;
+            listener.as_raw_fd()
+        };
+        {
+            let _enter = rt.enter();
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| PyOSError::new_err(e.to_string()))?;
+            rt.spawn(server::accept_loop(listener, srv.clone(), rx));
+            let stats = srv.stats.clone();
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    stats.sample();
+                }
+            });
+        }
+        *self.stop.lock() = Some(tx);
+        *self.local.lock() = Some((local, fd));
+        *rt_slot = Some(rt);
+        Ok(())
+    }
+
+    /// The hub's wake-up descriptor, for `loop.add_reader`.
+    fn fd(&self) -> i32 {
+        self.hub.fd()
+    }
+
+    /// Handle queued events (called by the event loop when the fd is readable).
+    fn drain(&self, py: Python<'_>) {
+        self.hub.begin_drain();
+        let mut batch = Vec::new();
+        let more = self.hub.take(DRAIN_BATCH, &mut batch);
+        for ev in batch {
+            if let Err(e) = self.handle(py, ev) {
+                // One connection's failure must not lose the rest of the batch.
+                e.write_unraisable(py, None);
+            }
+        }
+        if more {
+            self.hub.rearm();
+        }
+    }
+
+    /// `(host, port)` the listener is bound to.
+    fn address(&self) -> Option<(String, u16)> {
+        self.local
+            .lock()
+            .map(|(a, _)| (a.ip().to_string(), a.port()))
+    }
+
+    /// The listening socket's descriptor (owned by the server; dup it to wrap it).
+    fn listener_fd(&self) -> Option<i32> {
+        self.local.lock().map(|(_, fd)| fd)
+    }
+
+    /// Stop accepting new connections (existing ones continue).
+    fn stop_accepting(&self) {
+        if let Some(tx) = self.stop.lock().take() {
+            let _ = tx.send(true);
+        }
+    }
+
+    /// The open connections (accepted or waiting for their handshake).
+    fn connections(&self, py: Python<'_>) -> Vec<Py<Connection>> {
+        self.conns
+            .lock()
+            .values()
+            .map(|c| c.clone_ref(py))
+            .collect()
+    }
+
+    /// Stop the runtime: every task is dropped (sockets closed). Handles the resulting
+    /// events before returning.
+    fn shutdown(&self, py: Python<'_>) {
+        self.stop_accepting();
+        let rt = self.runtime.lock().take();
+        if let Some(rt) = rt {
+            py.detach(|| rt.shutdown_timeout(Duration::from_secs(2)));
+        }
+        // Tasks dropped by the shutdown reported Closed; deliver those now.
+        for _ in 0..1000 {
+            self.drain(py);
+            if !self.hub.take(0, &mut Vec::new()) {
+                break;
+            }
+        }
+        self.local.lock().take();
+    }
+
+    /// Re-read the certificate files; new TLS handshakes use the new certificates.
+    fn reload_certificates(&self, py: Python<'_>) -> PyResult<()> {
+        match &self.srv.tls {
+            None => Err(PyRuntimeError::new_err(
+                "reload_certificates() needs a TLS server (Config.cert_file/key_file)",
+            )),
+            Some((store, _)) => {
+                let store = store.clone();
+                py.detach(move || store.reload()).map_err(tls_err)
+            }
+        }
+    }
+
+    /// True if the server serves TLS.
+    #[getter]
+    fn tls(&self) -> bool {
+        self.srv.tls.is_some()
+    }
+
+    /// Counters as a dict: totals plus `rates` (per second over the last 30 s).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (now, base, elapsed) = self.srv.stats.snapshot_with_rates();
+        let d = PyDict::new(py);
+        let rates = PyDict::new(py);
+        let rate = |a: u64, b: u64| {
+            if elapsed > 0.0 {
+                a.saturating_sub(b) as f64 / elapsed
+            } else {
+                0.0
+            }
+        };
+        d.set_item("connections", now.connections)?;
+        d.set_item("max_connections", now.max_connections)?;
+        let io = self.srv.cfg.io_statistics;
+        d.set_item("connections_reading", io.then_some(now.connections_reading))?;
+        d.set_item("connections_writing", io.then_some(now.connections_writing))?;
+        for (name, a, b) in [
+            ("handshakes", now.handshakes, base.handshakes),
+            (
+                "handshakes_failed",
+                now.handshakes_failed,
+                base.handshakes_failed,
+            ),
+            ("bytes_in", now.bytes_in, base.bytes_in),
+            ("bytes_out", now.bytes_out, base.bytes_out),
+        ] {
+            d.set_item(name, a)?;
+            rates.set_item(name, rate(a, b))?;
+        }
+        let fin = PyDict::new(py);
+        let fout = PyDict::new(py);
+        let rin = PyDict::new(py);
+        let rout = PyDict::new(py);
+        for i in 0..OPCODES {
+            if OpCode::from_u8(i as u8).is_some() {
+                fin.set_item(i, now.frames_in[i])?;
+                fout.set_item(i, now.frames_out[i])?;
+                rin.set_item(i, rate(now.frames_in[i], base.frames_in[i]))?;
+                rout.set_item(i, rate(now.frames_out[i], base.frames_out[i]))?;
+            }
+        }
+        d.set_item("frames_in", fin)?;
+        d.set_item("frames_out", fout)?;
+        rates.set_item("frames_in", rin)?;
+        rates.set_item("frames_out", rout)?;
+        d.set_item("rates", rates)?;
+        d.set_item("rate_window", elapsed)?;
+        Ok(d)
+    }
+}

@@ -1,0 +1,27 @@
+//! lightws: a WebSocket server for Python asyncio whose I/O path runs in Rust.
+//!
+//! Module map (DESIGN.md §2): `frame` and `handshake` are pure codecs; `conn` drives one
+//! connection on tokio; `server` owns the listener and TLS; `hub` carries events from
+//! tokio to the asyncio loop; `bridge` is the Python-facing side. This file only
+//! registers the Python classes.
+
+pub mod bridge;
+pub mod conn;
+pub mod frame;
+pub mod handshake;
+pub mod hub;
+pub mod server;
+pub mod stats;
+pub mod tls;
+
+use pyo3::prelude::*;
+
+#[pymodule(gil_used = true)]
+fn _lightws(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<bridge::Core>()?;
+    m.add_class::<bridge::Connection>()?;
+    m.add_class::<bridge::Message>()?;
+    m.add_class::<bridge::Ready>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,409 @@
+//! Listener, per-connection task (TLS, HTTP upgrade, then the frame driver), shutdown.
+//!
+//! Everything here runs on tokio threads and never touches Python: the handshake
+//! callable is reached through the hub (an event plus a oneshot for the answer).
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::time::{timeout_at, Instant};
+
+use crate::conn::{
+    CloseInfo, ClosedGuard, ConnConfig, ConnShared, Driver, Transport, ABNORMAL_CLOSURE, LOG_DEBUG,
+    LOG_ERROR, LOG_INFO,
+};
+use crate::handshake::{self, HandshakeError, Upgrade};
+use crate::hub::{Event, HandshakeEvent, Hub, LogEvent, Reply};
+use crate::stats::Stats;
+use crate::tls::CertStore;
+
+/// Everything the server needs, validated (bridge.rs builds it from `lightws.Config`).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub addr: String,
+    pub conn: Arc<ConnConfig>,
+    pub sock_read_buffer: Option<usize>,
+    pub sock_write_buffer: Option<usize>,
+    pub http_read_buffer: usize,
+    pub http_write_buffer: usize,
+    pub handshake_read_timeout: Duration,
+    pub handshake_write_timeout: Duration,
+    pub tcp_keepalive: Option<Duration>,
+    /// 0 = unlimited.
+    pub max_connections: usize,
+    pub backlog: i32,
+    pub threads: usize,
+    pub http_fallback: bool,
+    pub io_statistics: bool,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+/// State shared by the accept loop and every connection task.
+pub struct ServerShared {
+    pub cfg: ServerConfig,
+    pub hub: Arc<Hub>,
+    pub stats: Arc<Stats>,
+    pub tls: Option<(Arc<CertStore>, tokio_rustls::TlsAcceptor)>,
+}
+
+impl ServerShared {
+    pub fn log(&self, level: u8, peer: Option<SocketAddr>, msg: impl FnOnce() -> String) {
+        if level <= self.cfg.conn.log_level {
+            self.hub.push(Event::Log(Box::new(LogEvent {
+                level,
+                conn: peer.map(|p| (0, p)),
+                msg: msg(),
+            })));
+        }
+    }
+}
+
+/// Resolve `"host:port"`; `":port"` means every interface.
+pub fn parse_addr(addr: &str) -> Result<Vec<SocketAddr>, String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("addr {addr:?} must be \"host:port\" or \":port\""))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("addr {addr:?}: port {port:?} is not a number from 0 to 65535"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Ok(vec![SocketAddr::from(([0, 0, 0, 0], port))]);
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("addr {addr:?}: cannot resolve {host:?}: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("addr {addr:?}: {host:?} resolves to no address"));
+    }
+    Ok(addrs)
+}
+
+/// Bind and listen (synchronously, so errors reach `start()` before anything runs).
+pub fn bind(cfg: &ServerConfig) -> io::Result<std::net::TcpListener> {
+    let addrs =
+        parse_addr(&cfg.addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut last = None;
+    for addr in addrs {
+        match bind_one(cfg, addr) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no address to bind")))
+}
+
+fn bind_one(cfg: &ServerConfig, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    // Set before listen(): accepted sockets inherit them, and the receive buffer must be
+    // known before the handshake for TCP window scaling. None keeps kernel autotuning.
+    if let Some(n) = cfg.sock_read_buffer {
+        sock.set_recv_buffer_size(n)?;
+    }
+    if let Some(n) = cfg.sock_write_buffer {
+        sock.set_send_buffer_size(n)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(cfg.backlog)?;
+    Ok(sock.into())
+}
+
+/// Accept until `stop` turns true.
+pub async fn accept_loop(
+    listener: TcpListener,
+    srv: Arc<ServerShared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let srv2 = srv.clone();
+                    tokio::spawn(async move {
+                        let fut = AssertUnwindSafe(handle(stream, peer, srv2.clone()));
+                        if let Err(p) = fut.catch_unwind().await {
+                            let what = panic_message(&p);
+                            srv2.log(LOG_ERROR, Some(peer), || format!("internal error (bug): {what}"));
+                        }
+                    });
+                }
+                Err(e) => {
+                    srv.log(LOG_ERROR, None, || format!("accept failed: {e}"));
+                    // Out of descriptors or similar: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_owned()
+    }
+}
+
+/// Counts a TCP connection for its whole life.
+struct ConnCount(Arc<Stats>);
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.conn_closed();
+    }
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, srv: Arc<ServerShared>) {
+    let count = srv.stats.conn_opened();
+    let _count = ConnCount(srv.stats.clone());
+    let _ = stream.set_nodelay(true);
+    if let Some(idle) = srv.cfg.tcp_keepalive {
+        let ka = TcpKeepalive::new().with_time(idle).with_interval(idle);
+        let _ = SockRef::from(&stream).set_tcp_keepalive(&ka);
+    }
+    let over_limit = srv.cfg.max_connections > 0 && count as usize > srv.cfg.max_connections;
+    // The handshake read timeout covers the TLS handshake and the HTTP request.
+    let deadline = Instant::now() + srv.cfg.handshake_read_timeout;
+    match &srv.tls {
+        None => serve(stream, peer, &srv, deadline, over_limit).await,
+        Some((_, acceptor)) => {
+            let acceptor = acceptor.clone();
+            match timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(mut tls)) => {
+                    // Bound rustls' buffered outgoing plaintext; our own outbox does the
+                    // queueing (and the back-pressure) before it.
+                    tls.get_mut().1.set_buffer_limit(Some(64 * 1024));
+                    serve(tls, peer, &srv, deadline, over_limit).await
+                }
+                Ok(Err(e)) => srv.log(LOG_INFO, Some(peer), || {
+                    format!("TLS handshake failed: {e}")
+                }),
+                Err(_) => srv.log(LOG_INFO, Some(peer), || {
+                    "TLS handshake not finished within handshake_read_timeout".into()
+                }),
+            }
+        }
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {}
+
+/// Read one HTTP request head into `buf` (at most `max` bytes).
+async fn read_head<S: Transport>(
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<Option<(handshake::Request, usize)>, HandshakeError> {
+    loop {
+        if let Some(done) = handshake::parse_request(buf, max)? {
+            return Ok(Some(done));
+        }
+        if buf.len() >= max {
+            return Err(HandshakeError::HeadTooLarge);
+        }
+        let room = max - buf.len();
+        let start = buf.len();
+        buf.resize(start + room.min(4096), 0);
+        match io.read(&mut buf[start..]).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(n) => buf.truncate(start + n),
+        }
+    }
+}
+
+async fn write_all_by<S: Transport>(io: &mut S, data: &[u8], deadline: Instant) -> bool {
+    let fut = async {
+        io.write_all(data).await?;
+        io.flush().await
+    };
+    matches!(timeout_at(deadline, fut).await, Ok(Ok(())))
+}
+
+async fn respond<S: Transport>(
+    io: &mut S,
+    srv: &ServerShared,
+    status: u16,
+    headers: &[(String, String)],
+    body: &[u8],
+) {
+    let mut out = Vec::with_capacity(srv.cfg.http_write_buffer.min(body.len() + 256));
+    handshake::write_response(&mut out, status, headers, body);
+    let deadline = Instant::now() + srv.cfg.handshake_write_timeout;
+    if write_all_by(io, &out, deadline).await {
+        let _ = timeout_at(deadline, io.shutdown()).await;
+    }
+}
+
+async fn serve<S: Transport>(
+    mut io: S,
+    peer: SocketAddr,
+    srv: &Arc<ServerShared>,
+    deadline: Instant,
+    over_limit: bool,
+) {
+    let mut buf = Vec::with_capacity(srv.cfg.http_read_buffer.min(4096));
+    let head = timeout_at(
+        deadline,
+        read_head(&mut io, &mut buf, srv.cfg.http_read_buffer),
+    )
+    .await;
+    let (req, head_len) = match head {
+        Err(_) => {
+            srv.stats.handshake_failed();
+            srv.log(LOG_INFO, Some(peer), || {
+                "request head not received within handshake_read_timeout".into()
+            });
+            return;
+        }
+        Ok(Ok(None)) => return, // closed before sending a request
+        Ok(Err(e)) => {
+            srv.stats.handshake_failed();
+            srv.log(LOG_INFO, Some(peer), || format!("bad request: {e}"));
+            let r = e.rejection();
+            respond(&mut io, srv, r.status, &r.headers, &r.body).await;
+            return;
+        }
+        Ok(Ok(Some(done))) => done,
+    };
+    // Bytes after the head are the start of the WebSocket stream: keep them.
+    let leftover = buf[head_len..].to_vec();
+    drop(buf);
+
+    if over_limit {
+        srv.stats.handshake_failed();
+        srv.log(LOG_INFO, Some(peer), || {
+            "max_connections reached: 503".into()
+        });
+        let headers = vec![("Retry-After".to_owned(), "1".to_owned())];
+        respond(&mut io, srv, 503, &headers, b"server is at max_connections").await;
+        return;
+    }
+
+    let (key, subprotocols, upgrade) = match handshake::validate(&req) {
+        Upgrade::WebSocket { key, subprotocols } => (key, subprotocols, true),
+        Upgrade::Reject(r) => {
+            srv.stats.handshake_failed();
+            srv.log(LOG_INFO, Some(peer), || {
+                format!(
+                    "rejected upgrade ({}): {}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body)
+                )
+            });
+            respond(&mut io, srv, r.status, &r.headers, &r.body).await;
+            return;
+        }
+        Upgrade::NotUpgrade if srv.cfg.http_fallback => (String::new(), Vec::new(), false),
+        Upgrade::NotUpgrade => {
+            srv.stats.handshake_failed();
+            let body = b"this is a WebSocket endpoint: expected an Upgrade: websocket request";
+            respond(&mut io, srv, 400, &[], body).await;
+            return;
+        }
+    };
+
+    let shared = ConnShared::new(
+        peer,
+        srv.hub.clone(),
+        srv.stats.clone(),
+        srv.cfg.conn.clone(),
+    );
+    let mut guard = ClosedGuard {
+        shared: shared.clone(),
+        info: None,
+    };
+    let (tx, rx) = oneshot::channel();
+    srv.hub.push(Event::Handshake(Box::new(HandshakeEvent {
+        conn: shared.clone(),
+        request: req,
+        upgrade,
+        subprotocols,
+        reply: tx,
+    })));
+    let reply = match rx.await {
+        Ok(r) => r,
+        Err(_) => return, // the server is shutting down
+    };
+    match reply {
+        Reply::Respond {
+            status,
+            headers,
+            body,
+        } => {
+            if upgrade {
+                srv.stats.handshake_failed();
+            }
+            respond(&mut io, srv, status, &headers, &body).await;
+            guard.info = Some(CloseInfo {
+                code: ABNORMAL_CLOSURE,
+                reason: String::new(),
+            });
+        }
+        Reply::Accept {
+            headers,
+            subprotocol,
+        } => {
+            let mut out = Vec::with_capacity(256);
+            handshake::write_accept(&mut out, &key, subprotocol.as_deref(), &headers);
+            let wdeadline = Instant::now() + srv.cfg.handshake_write_timeout;
+            if !write_all_by(&mut io, &out, wdeadline).await {
+                srv.stats.handshake_failed();
+                srv.log(LOG_INFO, Some(peer), || {
+                    "could not send the 101 response within handshake_write_timeout".into()
+                });
+                return;
+            }
+            drop(out);
+            srv.stats.handshake_ok();
+            shared.log(LOG_DEBUG, || "connection open".into());
+            let outcome = Driver::new(io, shared.clone(), leftover).run().await;
+            shared.log(LOG_DEBUG, || {
+                format!("connection closed: {} {:?}", outcome.code, outcome.reason)
+            });
+            guard.info = Some(outcome);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_only_addresses_bind_every_interface() {
+        assert_eq!(
+            parse_addr(":9001").unwrap(),
+            vec![SocketAddr::from(([0, 0, 0, 0], 9001))]
+        );
+    }
+
+    #[test]
+    fn host_and_port_resolve() {
+        assert_eq!(
+            parse_addr("127.0.0.1:0").unwrap(),
+            vec![SocketAddr::from(([127, 0, 0, 1], 0))]
+        );
+        assert!(parse_addr("[::1]:80").unwrap()[0].is_ipv6());
+    }
+
+    #[test]
+    fn malformed_addresses_say_what_is_wrong() {
+        assert!(parse_addr("9001").unwrap_err().contains("host:port"));
+        assert!(parse_addr("h:99999").unwrap_err().contains("port"));
+    }
+}

@@ -1,0 +1,113 @@
+"""``python -m lightws echo`` as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+from websockets.asyncio.client import connect
+
+pytestmark = pytest.mark.asyncio_loop_only  # the server runs in its own process
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EchoProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, banner: str) -> None:
+        self.proc = proc
+        self.port = port
+        self.banner = banner
+
+
+async def start_echo(*extra: str) -> EchoProcess:
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "lightws",
+        "echo",
+        "--addr",
+        f"127.0.0.1:{port}",
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )
+    assert proc.stdout is not None
+    banner = ""
+    try:
+        while str(port) not in banner:
+            line = await asyncio.wait_for(proc.stdout.readline(), 15)
+            if not line:
+                raise AssertionError(f"echo exited before listening: {banner!r}")
+            banner += line.decode(errors="replace")
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return EchoProcess(proc, port, banner)
+
+
+@pytest.fixture
+async def echo_process() -> AsyncIterator[EchoProcess]:
+    echo = await start_echo()
+    yield echo
+    if echo.proc.returncode is None:
+        echo.proc.kill()
+        await echo.proc.wait()
+
+
+async def test_echo_prints_where_it_listens(echo_process: EchoProcess) -> None:
+    assert f"127.0.0.1:{echo_process.port}" in echo_process.banner
+
+
+async def test_echo_echoes_text_and_binary(echo_process: EchoProcess) -> None:
+    async with connect(f"ws://127.0.0.1:{echo_process.port}/") as ws:
+        await ws.send("hello cli")
+        assert await asyncio.wait_for(ws.recv(), 5) == "hello cli"
+        await ws.send(b"\x00\x01\x02" * 1000)
+        assert await asyncio.wait_for(ws.recv(), 5) == b"\x00\x01\x02" * 1000
+
+
+async def test_echo_reverses_with_reverse_query(echo_process: EchoProcess) -> None:
+    async with connect(f"ws://127.0.0.1:{echo_process.port}/?reverse=1") as ws:
+        await ws.send("stressed")
+        assert await asyncio.wait_for(ws.recv(), 5) == "desserts"
+
+
+async def test_sigterm_closes_clients_with_1001_and_exits_0(echo_process: EchoProcess) -> None:
+    async with connect(f"ws://127.0.0.1:{echo_process.port}/") as ws:
+        await ws.send("before")
+        assert await asyncio.wait_for(ws.recv(), 5) == "before"
+        echo_process.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(ws.wait_closed(), 10)
+        assert ws.close_code == 1001
+    assert await asyncio.wait_for(echo_process.proc.wait(), 10) == 0
+
+
+async def test_sigterm_without_clients_exits_0(echo_process: EchoProcess) -> None:
+    echo_process.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(echo_process.proc.wait(), 10) == 0
+
+
+def test_help_lists_the_echo_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightws", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "echo" in result.stdout
