@@ -10,8 +10,15 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import echo_handshake, eventually, reporting_handshake, serve, url
-from rawws import CLOSE, PING, PONG, TEXT, RawWebSocket
+from conftest import (
+    echo_handshake,
+    eventually,
+    handler_handshake,
+    reporting_handshake,
+    serve,
+    url,
+)
+from rawws import BINARY, CLOSE, PING, PONG, TEXT, RawWebSocket
 from websockets.asyncio.client import connect
 
 Opcode = lightws.Opcode
@@ -514,3 +521,78 @@ def test_exception_hierarchy() -> None:
     assert issubclass(lightws.ConnectionClosedError, lightws.ConnectionClosed)
     exc = lightws.ConnectionClosed(1001, "going away")
     assert (exc.code, exc.reason) == (1001, "going away")
+
+
+# --- resources and back-pressure ---------------------------------------------------
+
+
+async def test_client_dropping_tcp_raises_connection_closed_error_1006_in_recv() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        await conn.send("go")
+        with pytest.raises(lightws.ConnectionClosedError) as excinfo:
+            await conn.recv()
+        return excinfo.value.code, conn.closed, conn.close_code
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server:
+        ws = await RawWebSocket.connect(server.port)
+        assert await ws.recv_message() == (TEXT, b"go")
+        ws.writer.transport.abort()
+        assert await asyncio.wait_for(outcome, 5) == (1006, True, 1006)
+
+
+async def test_connections_counter_returns_to_zero_after_clients_leave() -> None:
+    async with serve() as server:
+        clients = [await connect(url(server)) for _ in range(20)]
+        await eventually(lambda: server.stats().connections == 20)
+        for ws in clients[:10]:
+            await ws.close()
+        for ws in clients[10:]:
+            ws.transport.abort()  # half of them leave without a close handshake
+        await eventually(lambda: server.stats().connections == 0)
+
+
+async def test_connection_can_be_sent_to_from_outside_its_handler() -> None:
+    registry: set[lightws.Connection] = set()
+
+    async def handler(conn: lightws.Connection) -> None:
+        registry.add(conn)
+        try:
+            async for _ in conn:
+                pass
+        finally:
+            registry.discard(conn)
+
+    async with serve(handler_handshake(handler)) as server:
+        clients = [await connect(url(server)) for _ in range(5)]
+        await eventually(lambda: len(registry) == 5)
+        for conn in list(registry):  # a broadcast from some other task
+            await conn.send(f"to {conn.id}")
+        replies = [await asyncio.wait_for(ws.recv(), 5) for ws in clients]
+        assert sorted(replies) == sorted(f"to {conn.id}" for conn in registry)
+        for ws in clients:
+            await ws.close()
+        await eventually(lambda: not registry)
+
+
+async def test_send_applies_back_pressure_when_the_client_does_not_read() -> None:
+    chunk = b"q" * (256 * 1024)
+    sent = 0
+    total_target = 200  # 50 MiB if nothing ever blocked
+
+    async def body(conn: lightws.Connection) -> Any:
+        nonlocal sent
+        for _ in range(total_target):
+            await conn.send(chunk)
+            sent += 1
+        return sent
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake, write_limit=64 * 1024) as server:
+        async with await RawWebSocket.connect(server.port) as ws:
+            await asyncio.sleep(1.0)  # not reading: sends must start to wait
+            stalled_at = sent
+            assert stalled_at < total_target, "send() never waited on a stalled client"
+            for _ in range(total_target):  # now read everything, intact and in order
+                assert await ws.recv_message(timeout=10) == (BINARY, chunk)
+            assert await asyncio.wait_for(outcome, 10) == total_target

@@ -9,7 +9,9 @@ import aiohttp
 import lightws
 import pytest
 from conftest import eventually, serve, url
-from rawws import BINARY, CONT, TEXT, RawWebSocket
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rawws import BINARY, CONT, PING, PONG, TEXT, RawWebSocket, build_frame
 from websockets.asyncio.client import connect
 
 SIZES = [0, 125, 126, 65535, 65536, 1 << 20]
@@ -138,3 +140,48 @@ async def test_stats_count_handshakes_and_bytes(echo_server: lightws.Server) -> 
     assert after.handshakes == before.handshakes + 1
     assert after.bytes_in - before.bytes_in >= 10000
     assert after.bytes_out - before.bytes_out >= 10000
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    body=st.binary(max_size=3000) | st.text(max_size=1000).map(str.encode),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=6),
+    pings=st.lists(st.booleans(), min_size=7, max_size=7),
+    text=st.booleans(),
+)
+async def test_any_fragmentation_with_interleaved_pings_echoes_the_message(
+    echo_server: lightws.Server, body: bytes, cuts: list[int], pings: list[bool], text: bool
+) -> None:
+    if text:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            text = False
+    points = sorted({min(c, len(body)) for c in cuts})
+    bounds = [0, *points, len(body)]
+    pieces = [body[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
+    frames = []
+    expected_pongs = []
+    for i, piece in enumerate(pieces):
+        opcode = (TEXT if text else BINARY) if i == 0 else CONT
+        frames.append(build_frame(opcode, piece, fin=i == len(pieces) - 1))
+        if pings[i] and i < len(pieces) - 1:
+            frames.append(build_frame(PING, str(i).encode()))
+            expected_pongs.append(str(i).encode())
+    async with await RawWebSocket.connect(echo_server.port) as ws:
+        await ws.write(b"".join(frames))
+        pongs = []
+        while True:
+            frame = await ws.recv_frame()
+            if frame.opcode == PONG:
+                pongs.append(frame.payload)
+                continue
+            assert frame.opcode == (TEXT if text else BINARY)
+            assert frame.fin
+            assert frame.payload == body
+            break
+        assert pongs == expected_pongs

@@ -345,3 +345,41 @@ async def test_client_that_never_finishes_its_request_is_dropped() -> None:
         elapsed = loop.time() - started
         writer.close()
     assert 0.3 < elapsed < 3
+
+
+async def test_handshake_returning_something_not_callable_gets_500() -> None:
+    async with serve(lambda request, response: 42) as server:
+        with pytest.raises(InvalidStatus) as excinfo:
+            await asyncio.wait_for(connect(url(server)), 5)
+    assert excinfo.value.response.status_code == 500
+
+
+async def test_header_values_cannot_inject_lines_into_the_response() -> None:
+    def handshake(request: lightws.Request, response: lightws.Response) -> Any:
+        if request.path == "/reject":
+            response.status = 400
+            response.headers["X-Evil"] = "a\r\nX-Injected: 1"
+            return None
+        response.headers["X-Evil"] = "a\r\nX-Injected: 1"
+        return echo_handler
+
+    async with serve(handshake) as server:
+        for path in ("/accept", "/reject"):
+            response = await http_exchange(server.port, upgrade_request(path))
+            assert response.header("X-Injected") is None, path
+            assert response.status in (400, 500), (path, response.status)
+
+
+async def test_server_close_finishes_while_an_async_handshake_is_pending() -> None:
+    started = asyncio.Event()
+
+    async def handshake(request: lightws.Request, response: lightws.Response) -> Any:
+        started.set()
+        await asyncio.sleep(3600)
+
+    async with serve(handshake, close_timeout=0.5) as server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(upgrade_request())
+        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.wait_for(server.close(), 5)
+        writer.close()

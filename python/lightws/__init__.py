@@ -24,7 +24,7 @@ from __future__ import annotations
 from ._lightws import Connection, Message
 from ._lightws import __version__ as __version__
 from ._types import CloseCode, LogLevel, Opcode
-from .config import Config, HandshakeFunc, Handler
+from .config import Config, Handler, HandshakeFunc
 from .exceptions import (
     ConnectionClosed,
     ConnectionClosedError,
@@ -44,8 +44,8 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionClosedError",
     "ConnectionClosedOK",
-    "HandshakeFunc",
     "Handler",
+    "HandshakeFunc",
     "Headers",
     "InvalidHandshake",
     "LightwsError",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from ._types import LogLevel
 
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ._lightws import Connection
     from .http import Request, Response
 
-__all__ = ["Config", "HandshakeFunc", "Handler"]
+__all__ = ["Config", "Handler", "HandshakeFunc"]
 
 #: A per-connection handler: ``async def handler(conn: Connection) -> None``.
 Handler = Callable[["Connection"], Awaitable[None]]
@@ -20,7 +20,7 @@ Handler = Callable[["Connection"], Awaitable[None]]
 #: The handshake callable: ``(request, response) -> Handler | None``, sync or async.
 HandshakeFunc = Callable[
     ["Request", "Response"],
-    Union[Handler, None, Awaitable[Union[Handler, None]]],
+    Handler | Awaitable[Handler | None] | None,
 ]
 
 

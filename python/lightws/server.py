@@ -65,9 +65,7 @@ class Stats:
         r = self.rates
 
         def frames(d: dict[Opcode, int], rd: dict[Opcode, float]) -> str:
-            return " ".join(
-                f"{op.name}={n}({rd.get(op, 0.0):.1f}/s)" for op, n in d.items() if n
-            )
+            return " ".join(f"{op.name}={n}({rd.get(op, 0.0):.1f}/s)" for op, n in d.items() if n)
 
         lines = [
             f"connections={self.connections} max_connections={self.max_connections}",
@@ -138,7 +136,9 @@ class Server:
         self._closed = loop.create_future()
         loop.add_reader(core.fd(), core.drain)
         addr = core.address()
-        logger.info("lightws listening on %s:%s%s", *(addr or ("?", 0)), " (TLS)" if core.tls else "")
+        logger.info(
+            "lightws listening on %s:%s%s", *(addr or ("?", 0)), " (TLS)" if core.tls else ""
+        )
 
     @property
     def port(self) -> int:
@@ -346,9 +346,7 @@ class Server:
             _reject(conn, status, response.headers.raw_items(), response.body)
             return
         if not callable(result):
-            logger.error(
-                "handshake callable must return an async handler or None, got %r", result
-            )
+            logger.error("handshake callable must return an async handler or None, got %r", result)
             _reject(conn, 500, [], b"Internal Server Error")
             return
         sub = response.subprotocol
