@@ -26,7 +26,8 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString, PyTuple};
 use tokio::sync::{oneshot, watch};
 
 use crate::conn::{
-    describe_frame, CloseInfo, ConnConfig, ConnShared, InMsg, Inbox, ABNORMAL_CLOSURE, LOG_DEBUG,
+    describe_frame, CloseInfo, ConnConfig, ConnShared, InMsg, Inbox, Part, ABNORMAL_CLOSURE,
+    LOG_DEBUG,
 };
 use crate::frame::{self, OpCode};
 use crate::handshake;
@@ -40,6 +41,8 @@ struct PyApi {
     opcodes: Vec<Option<Py<PyAny>>>,
     closed_ok: Py<PyAny>,
     closed_error: Py<PyAny>,
+    reader: Py<PyAny>,
+    writer: Py<PyAny>,
 }
 
 static API: PyOnceLock<PyApi> = PyOnceLock::new();
@@ -56,10 +59,13 @@ fn api(py: Python<'_>) -> PyResult<&PyApi> {
             });
         }
         let exc = py.import("lightws.exceptions")?;
+        let streaming = py.import("lightws.streaming")?;
         Ok(PyApi {
             opcodes,
             closed_ok: exc.getattr("ConnectionClosedOK")?.unbind(),
             closed_error: exc.getattr("ConnectionClosedError")?.unbind(),
+            reader: streaming.getattr("MessageReader")?.unbind(),
+            writer: streaming.getattr("MessageWriter")?.unbind(),
         })
     })
 }
@@ -325,13 +331,47 @@ fn make_message(py: Python<'_>, m: InMsg) -> PyResult<Py<PyAny>> {
     .into_any())
 }
 
+/// `(opcode, chunk, fin)` for `conn.reader()`.
+fn make_chunk(py: Python<'_>, m: InMsg) -> PyResult<Py<PyAny>> {
+    let fin = match m.part {
+        Part::Whole => true,
+        Part::Chunk { fin } => fin,
+    };
+    let op = api(py)?.opcodes[m.opcode.as_u8() as usize]
+        .as_ref()
+        .map(|o| o.clone_ref(py))
+        .unwrap_or_else(|| py.None());
+    let body = PyBytes::new(py, &m.data);
+    Ok((op, body, fin).into_pyobject(py)?.into_any().unbind())
+}
+
 // ---------------------------------------------------------------------------------------
 // Connection
 
+/// What a pending receive waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// A whole message for `recv()` (`anext`: for `__anext__`, which ends iteration on a
+    /// normal close instead of raising).
+    Message { anext: bool },
+    /// The next chunk of a streamed message, for `conn.reader()`.
+    Chunk,
+}
+
+/// A data frame `send()` put aside while `conn.writer()` streams a fragmented message
+/// (RFC 6455 5.4: no other data frame may come between its fragments).
+struct Deferred {
+    fut: Py<PyAny>,
+    op: OpCode,
+    data: Vec<u8>,
+}
+
 #[derive(Default)]
 struct PyState {
-    /// The pending recv() future, and whether it serves `__anext__`.
-    recv: Option<(Py<PyAny>, bool)>,
+    /// The pending receive future and what it waits for.
+    recv: Option<(Py<PyAny>, Want)>,
+    writer_active: bool,
+    deferred: Vec<Deferred>,
     drains: Vec<Py<PyAny>>,
     closers: Vec<Py<PyAny>>,
     reply: Option<oneshot::Sender<Reply>>,
@@ -358,13 +398,6 @@ impl Connection {
         self.event_loop.call_method0(py, "create_future")
     }
 
-    fn closed_info(&self, inbox: &Inbox) -> CloseInfo {
-        inbox.closed.clone().unwrap_or(CloseInfo {
-            code: ABNORMAL_CLOSURE,
-            reason: String::new(),
-        })
-    }
-
     fn closed_error_now(&self, py: Python<'_>) -> PyErr {
         let info = {
             let inbox = self.shared.inbox.lock();
@@ -379,18 +412,43 @@ impl Connection {
         closed_exception(py, &info)
     }
 
-    fn recv_impl(&self, py: Python<'_>, anext: bool) -> PyResult<Py<PyAny>> {
-        let mut inbox = self.shared.inbox.lock();
-        if let Some(m) = inbox.queue.pop_front() {
-            inbox.bytes -= m.data.len();
-            self.shared.resume_if_paused(&mut inbox);
-            drop(inbox);
-            return ready_value(py, make_message(py, m)?);
+    /// What is ready for `want` right now: Some(value or error), or None to wait.
+    fn take_ready(
+        &self,
+        py: Python<'_>,
+        inbox: &mut Inbox,
+        want: Want,
+    ) -> Option<PyResult<Py<PyAny>>> {
+        let part = match inbox.queue.front() {
+            Some(m) => m.part,
+            None => {
+                let info = inbox.closed.clone()?;
+                let anext = matches!(want, Want::Message { anext: true });
+                return Some(Err(end_error(py, &info, anext)));
+            }
+        };
+        if want != Want::Chunk && part != Part::Whole {
+            return Some(Err(PyRuntimeError::new_err(
+                "the next message is being streamed to conn.reader(); read it there",
+            )));
         }
-        if inbox.closed.is_some() {
-            let info = self.closed_info(&inbox);
+        let m = inbox.queue.pop_front()?;
+        inbox.bytes -= m.data.len();
+        self.shared.resume_if_paused(inbox);
+        Some(match want {
+            Want::Chunk => make_chunk(py, m),
+            Want::Message { .. } => make_message(py, m),
+        })
+    }
+
+    fn receive(&self, py: Python<'_>, want: Want) -> PyResult<Py<PyAny>> {
+        let mut inbox = self.shared.inbox.lock();
+        if let Some(r) = self.take_ready(py, &mut inbox, want) {
             drop(inbox);
-            return ready_error(py, end_error(py, &info, anext));
+            return match r {
+                Ok(v) => ready_value(py, v),
+                Err(e) => ready_error(py, e),
+            };
         }
         let mut st = self.st.lock();
         if let Some((f, _)) = &st.recv {
@@ -406,13 +464,13 @@ impl Connection {
         inbox.waiting = true;
         drop(inbox);
         let fut = self.create_future(py)?;
-        st.recv = Some((fut.clone_ref(py), anext));
+        st.recv = Some((fut.clone_ref(py), want));
         Ok(fut)
     }
 
-    /// Event::Readable: complete the pending recv() future if it is still wanted.
+    /// Event::Readable: complete the pending receive future if it is still wanted.
     fn on_readable(&self, py: Python<'_>) -> PyResult<()> {
-        let (fut, anext) = match self.st.lock().recv.take() {
+        let (fut, want) = match self.st.lock().recv.take() {
             Some(w) => w,
             None => return Ok(()),
         };
@@ -421,21 +479,20 @@ impl Connection {
             return Ok(());
         }
         let mut inbox = self.shared.inbox.lock();
-        if let Some(m) = inbox.queue.pop_front() {
-            inbox.bytes -= m.data.len();
-            self.shared.resume_if_paused(&mut inbox);
-            drop(inbox);
-            let msg = make_message(py, m)?;
-            fut.call_method1(py, "set_result", (msg,))?;
-        } else if inbox.closed.is_some() {
-            let info = self.closed_info(&inbox);
-            drop(inbox);
-            let err = end_error(py, &info, anext);
-            fut.call_method1(py, "set_exception", (err.into_value(py),))?;
-        } else {
-            inbox.waiting = true;
-            drop(inbox);
-            self.st.lock().recv = Some((fut, anext));
+        match self.take_ready(py, &mut inbox, want) {
+            Some(Ok(v)) => {
+                drop(inbox);
+                fut.call_method1(py, "set_result", (v,))?;
+            }
+            Some(Err(e)) => {
+                drop(inbox);
+                fut.call_method1(py, "set_exception", (e.into_value(py),))?;
+            }
+            None => {
+                inbox.waiting = true;
+                drop(inbox);
+                self.st.lock().recv = Some((fut, want));
+            }
         }
         Ok(())
     }
@@ -455,10 +512,9 @@ impl Connection {
             let mut st = self.st.lock();
             st.finished = true;
             st.reply = None;
-            (
-                std::mem::take(&mut st.closers),
-                std::mem::take(&mut st.drains),
-            )
+            let mut drains = std::mem::take(&mut st.drains);
+            drains.extend(st.deferred.drain(..).map(|d| d.fut));
+            (std::mem::take(&mut st.closers), drains)
         };
         self.on_readable(py)?;
         for f in closers {
@@ -475,7 +531,7 @@ impl Connection {
         Ok(())
     }
 
-    /// Queue one frame; returns the awaitable for `send()`.
+    /// Queue one message; returns the awaitable for `send()`.
     fn enqueue(&self, py: Python<'_>, op: OpCode, data: &[u8]) -> PyResult<Py<PyAny>> {
         if op.is_control() && data.len() > frame::MAX_CONTROL_PAYLOAD {
             return Err(PyValueError::new_err(format!(
@@ -483,6 +539,29 @@ impl Connection {
                 data.len()
             )));
         }
+        if !op.is_control() {
+            let mut st = self.st.lock();
+            if st.writer_active {
+                let fut = self.create_future(py)?;
+                st.deferred.push(Deferred {
+                    fut: fut.clone_ref(py),
+                    op,
+                    data: data.to_vec(),
+                });
+                return Ok(fut);
+            }
+        }
+        self.enqueue_frame(py, op, data, true)
+    }
+
+    /// Queue one frame (no writer deferral); returns the awaitable for `send()`.
+    fn enqueue_frame(
+        &self,
+        py: Python<'_>,
+        op: OpCode,
+        data: &[u8],
+        fin: bool,
+    ) -> PyResult<Py<PyAny>> {
         let cfg = &self.shared.cfg;
         let mut ob = self.shared.outbox.lock();
         if ob.closed || ob.closing {
@@ -490,7 +569,7 @@ impl Connection {
             return Err(self.closed_error_now(py));
         }
         let was_empty = ob.buf.is_empty();
-        frame::encode_header(&mut ob.buf, true, op, data.len() as u64, None);
+        frame::encode_header(&mut ob.buf, fin, op, data.len() as u64, None);
         ob.buf.extend_from_slice(data);
         let over = ob.buf.len() > cfg.write_limit;
         if over {
@@ -553,7 +632,7 @@ impl Connection {
     /// `ConnectionClosedError` once the connection is closed and every message received
     /// before the close has been returned. Cancelling a pending `recv()` loses no message.
     fn recv(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.recv_impl(py, false)
+        self.receive(py, Want::Message { anext: false })
     }
 
     fn __aiter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -561,7 +640,88 @@ impl Connection {
     }
 
     fn __anext__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.recv_impl(py, true)
+        self.receive(py, Want::Message { anext: true })
+    }
+
+    /// Stream the next message: `async for chunk in conn.reader(): ...`.
+    ///
+    /// Yields the payload of one message as `bytes` chunks as its frames arrive, without
+    /// assembling it and without the `max_msg_len` bound (TEXT chunks are UTF-8
+    /// validated, but a chunk may end inside a character). The reader's `opcode` is set
+    /// once the first chunk is in. A message that had already (partly) arrived when
+    /// `reader()` was called is yielded whole, as one chunk.
+    fn reader(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        {
+            let inbox = this.shared.inbox.lock();
+            if inbox.queue.is_empty() && !inbox.assembling && inbox.closed.is_none() {
+                this.shared
+                    .stream_next
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        api(py)?.reader.call1(py, (slf,))
+    }
+
+    /// Send one message in fragments: `async with conn.writer() as w: await w.write(x)`.
+    ///
+    /// The first `write` sends a TEXT (`binary=False`, chunks are `str`) or BINARY frame,
+    /// later ones CONTINUATION frames; leaving the block sends the final frame. Other
+    /// `send()` calls on this connection wait until the writer is done; pings, pongs and
+    /// close keep flowing. Not bound by `max_msg_len`.
+    #[pyo3(signature = (binary = true))]
+    fn writer(slf: &Bound<'_, Self>, binary: bool) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        api(py)?.writer.call1(py, (slf, binary))
+    }
+
+    fn _read_chunk(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.receive(py, Want::Chunk)
+    }
+
+    fn _writer_begin(&self) -> PyResult<()> {
+        let mut st = self.st.lock();
+        if st.writer_active {
+            return Err(PyRuntimeError::new_err(
+                "another conn.writer() is already sending a message on this connection",
+            ));
+        }
+        st.writer_active = true;
+        Ok(())
+    }
+
+    fn _send_frame(
+        &self,
+        py: Python<'_>,
+        opcode: i64,
+        data: &Bound<'_, PyAny>,
+        fin: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let op = known_opcode(opcode)?;
+        let b = self.bytes_arg(data, "write")?;
+        self.enqueue_frame(py, op, b.as_bytes(), fin)
+    }
+
+    /// The writer finished: send what `send()` put aside meanwhile, in order.
+    fn _writer_end(&self, py: Python<'_>) -> PyResult<()> {
+        let deferred = {
+            let mut st = self.st.lock();
+            st.writer_active = false;
+            std::mem::take(&mut st.deferred)
+        };
+        for d in deferred {
+            if d.fut.call_method0(py, "done")?.is_truthy(py)? {
+                continue; // the sender was cancelled: it did not send
+            }
+            match self.enqueue_frame(py, d.op, &d.data, true) {
+                Ok(_) => d.fut.call_method1(py, "set_result", (py.None(),))?,
+                Err(e) => d
+                    .fut
+                    .call_method1(py, "set_exception", (e.into_value(py),))?,
+            };
+        }
+        Ok(())
     }
 
     /// Send a message: `str` as TEXT, bytes-like as BINARY, a `Message` as given.
@@ -901,6 +1061,7 @@ fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
         write_limit,
         inbox_limit: max_msg_len.clamp(64 * 1024, 4 * 1024 * 1024).max(64 * 1024),
         log_level: log_level as u8,
+        io_statistics: get(cfg, "io_statistics")?,
     };
     let backlog = size(cfg, "backlog", 1)?.min(65535) as i32;
     Ok(ServerConfig {

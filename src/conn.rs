@@ -12,7 +12,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -53,12 +53,25 @@ pub struct ConnConfig {
     /// Reading pauses while this many bytes of complete messages wait for `recv()`.
     pub inbox_limit: usize,
     pub log_level: u8,
+    /// Maintain the connections_reading / connections_writing gauges.
+    pub io_statistics: bool,
 }
 
-/// A complete message waiting for Python.
+/// A complete message (or, for a streamed message, one chunk of it) waiting for Python.
 pub struct InMsg {
     pub opcode: OpCode,
     pub data: Vec<u8>,
+    /// Whole message, or a chunk of a message streamed to `conn.reader()`.
+    pub part: Part,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    /// A chunk of a streamed message; `fin` marks its last chunk.
+    Chunk {
+        fin: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +90,8 @@ pub struct Inbox {
     pub closed: Option<CloseInfo>,
     /// The task stopped reading because `bytes` reached `inbox_limit`.
     pub paused: bool,
+    /// A data message has started arriving but is not complete yet.
+    pub assembling: bool,
 }
 
 #[derive(Default)]
@@ -96,6 +111,9 @@ pub struct Outbox {
 /// State shared between a connection's tokio task and its Python object.
 pub struct ConnShared {
     pub id: u64,
+    /// `conn.reader()` asked for the next message to be streamed (set under the inbox
+    /// lock, read by the task before each new message's first frame header).
+    pub stream_next: AtomicBool,
     pub remote: SocketAddr,
     pub inbox: Mutex<Inbox>,
     pub outbox: Mutex<Outbox>,
@@ -116,6 +134,7 @@ impl ConnShared {
     ) -> Arc<Self> {
         Arc::new(Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            stream_next: AtomicBool::new(false),
             remote,
             inbox: Mutex::new(Inbox::default()),
             outbox: Mutex::new(Outbox::default()),
@@ -229,8 +248,17 @@ pub struct Driver<S> {
     write_shut: bool,
     timer: Option<Pin<Box<Sleep>>>,
     timer_kind: TimerKind,
+    /// Last frame received or sent (idle_timeout).
     last_activity: Instant,
-    ping_outstanding: bool,
+    /// Last frame received (keepalive pings go out after ping_interval of silence).
+    last_rx: Instant,
+    /// When our unanswered keepalive ping went out.
+    ping_sent: Option<Instant>,
+    /// The message being received is streamed to `conn.reader()` chunk by chunk.
+    streaming: bool,
+    /// io_statistics gauges this connection currently contributes to.
+    io_reading: bool,
+    io_writing: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,7 +297,11 @@ impl<S: Transport> Driver<S> {
             timer: None,
             timer_kind: TimerKind::None,
             last_activity: Instant::now(),
-            ping_outstanding: false,
+            last_rx: Instant::now(),
+            ping_sent: None,
+            streaming: false,
+            io_reading: false,
+            io_writing: false,
             shared,
         };
         if cfg.ping_interval.is_some() || cfg.idle_timeout.is_some() {
@@ -371,8 +403,26 @@ impl<S: Transport> Driver<S> {
             }
 
             if !progress {
+                if self.shared.cfg.io_statistics {
+                    self.update_io_gauges();
+                }
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// The seed's IOStatistics: a connection is "writing" while it has output the
+    /// socket has not taken, "reading" while it waits for input with nothing to write.
+    fn update_io_gauges(&mut self) {
+        let writing = self.wpos < self.wbuf.len();
+        let reading = !writing && !self.eof;
+        if writing != self.io_writing {
+            self.shared.stats.writing(if writing { 1 } else { -1 });
+            self.io_writing = writing;
+        }
+        if reading != self.io_reading {
+            self.shared.stats.reading(if reading { 1 } else { -1 });
+            self.io_reading = reading;
         }
     }
 
@@ -446,6 +496,9 @@ impl<S: Transport> Driver<S> {
             }
             self.wpos = 0;
             took = true;
+            if self.timer_kind == TimerKind::Keepalive {
+                self.last_activity = Instant::now();
+            }
             if ob.closing && !self.close_sent {
                 // Python queued a close frame; it is the last frame of this batch.
                 self.close_sent = true;
@@ -547,6 +600,17 @@ impl<S: Transport> Driver<S> {
         let mut pos = 0;
         let mut delivered = 0usize;
         loop {
+            if !self.decoder.in_message() {
+                // A streamed message is not bound by max_msg_len (DESIGN.md §1).
+                let limit = if self.shared.stream_next.load(Ordering::Acquire) {
+                    None
+                } else {
+                    Some(self.shared.cfg.max_msg_len)
+                };
+                if self.decoder.max_message_size() != limit {
+                    self.decoder.set_max_message_size(limit);
+                }
+            }
             match self.decoder.decode(&mut rbuf[pos..]) {
                 Err(e) => {
                     self.fail(e.close_code(), e.to_string());
@@ -580,14 +644,16 @@ impl<S: Transport> Driver<S> {
             self.read_size = self.shared.cfg.ws_read_buffer;
         }
         self.rbuf = rbuf;
-        if delivered > 0 {
-            self.last_activity = Instant::now();
+        if self.timer_kind == TimerKind::Keepalive {
+            let now = Instant::now();
+            self.last_activity = now;
+            self.last_rx = now;
         }
+        let _ = delivered;
     }
 
     /// Handle one decoded event; returns 1 if it delivered a message to Python.
     fn on_event(&mut self, ev: Event<'_>) -> usize {
-        self.last_activity = Instant::now();
         match ev {
             Event::Data {
                 opcode,
@@ -604,12 +670,25 @@ impl<S: Transport> Driver<S> {
                     // After our close frame, data is read and dropped (RFC 6455 5.5.1).
                     return 0;
                 }
+                if first {
+                    self.streaming = self.shared.stream_next.swap(false, Ordering::AcqRel);
+                }
+                if self.streaming {
+                    if fin {
+                        self.streaming = false;
+                    }
+                    if payload.is_empty() && !fin && !first {
+                        return 0;
+                    }
+                    return self.push(opcode, payload.to_vec(), Part::Chunk { fin });
+                }
                 if first && fin {
                     return self.deliver(opcode, payload.to_vec());
                 }
                 if first {
                     self.msg_opcode = opcode;
                     self.msg.clear();
+                    self.shared.inbox.lock().assembling = true;
                 }
                 self.msg.extend_from_slice(payload);
                 if fin {
@@ -637,7 +716,7 @@ impl<S: Transport> Driver<S> {
             Event::Pong(payload) => {
                 self.shared.stats.frame_in(OpCode::Pong);
                 self.debug_frame("recv", OpCode::Pong, payload);
-                self.ping_outstanding = false;
+                self.ping_sent = None;
                 if !self.shared.cfg.auto_pong && self.state == State::Open {
                     self.deliver(OpCode::Pong, payload.to_vec())
                 } else {
@@ -674,10 +753,15 @@ impl<S: Transport> Driver<S> {
     }
 
     fn deliver(&mut self, opcode: OpCode, data: Vec<u8>) -> usize {
+        self.push(opcode, data, Part::Whole)
+    }
+
+    fn push(&mut self, opcode: OpCode, data: Vec<u8>, part: Part) -> usize {
         self.debug_frame("recv", opcode, &data);
         let len = data.len();
         let mut inbox = self.shared.inbox.lock();
-        inbox.queue.push_back(InMsg { opcode, data });
+        inbox.assembling = false;
+        inbox.queue.push_back(InMsg { opcode, data, part });
         inbox.bytes += len;
         if inbox.bytes >= self.shared.cfg.inbox_limit {
             inbox.paused = true;
@@ -689,18 +773,32 @@ impl<S: Transport> Driver<S> {
         1
     }
 
-    fn arm_keepalive(&mut self) {
+    /// When the keepalive timer must next look at the connection, if ever.
+    fn keepalive_deadline(&self) -> Option<Instant> {
         let cfg = &self.shared.cfg;
-        let mut next = None::<Duration>;
-        for d in [cfg.ping_interval, cfg.idle_timeout].into_iter().flatten() {
-            next = Some(next.map_or(d, |n| n.min(d)));
+        let idle = cfg.idle_timeout.map(|d| self.last_activity + d);
+        let ping = cfg.ping_interval.map(|interval| match self.ping_sent {
+            Some(sent) => sent + cfg.ping_timeout.unwrap_or(interval),
+            None => self.last_rx + interval,
+        });
+        match (idle, ping) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        if let Some(d) = next {
-            let when =
-                Instant::now() + d.min(Duration::from_secs(1)).max(Duration::from_millis(10));
-            self.timer = Some(Box::pin(tokio::time::sleep_until(when)));
-            self.timer_kind = TimerKind::Keepalive;
+    }
+
+    /// (Re)arm the keepalive timer at its exact next deadline. Activity does not touch
+    /// the timer; when it fires early the deadline is recomputed, so a busy connection
+    /// costs one timer reset per interval, not one per frame.
+    fn arm_keepalive(&mut self) {
+        let Some(when) = self.keepalive_deadline() else {
+            return;
+        };
+        match self.timer.as_mut() {
+            Some(t) => t.as_mut().reset(when),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(when))),
         }
+        self.timer_kind = TimerKind::Keepalive;
     }
 
     /// A timer fired; Some(outcome) ends the connection.
@@ -718,25 +816,27 @@ impl<S: Transport> Driver<S> {
                 Some(self.outcome())
             }
             TimerKind::Keepalive => {
+                let now = Instant::now();
                 let cfg = self.shared.cfg.clone();
-                let idle = self.last_activity.elapsed();
                 if let Some(limit) = cfg.idle_timeout {
-                    if idle >= limit {
+                    if now >= self.last_activity + limit {
                         self.fail(1001, "idle timeout".into());
                         return None;
                     }
                 }
                 if let Some(interval) = cfg.ping_interval {
-                    if self.ping_outstanding {
-                        let timeout = cfg.ping_timeout.unwrap_or(interval);
-                        if idle >= interval + timeout {
+                    match self.ping_sent {
+                        Some(sent) if now >= sent + cfg.ping_timeout.unwrap_or(interval) => {
+                            // Like websockets: no pong in time means the peer is gone.
                             self.fail(1011, "keepalive ping timeout".into());
                             return None;
                         }
-                    } else if idle >= interval {
-                        frame::encode_frame(&mut self.wbuf, true, OpCode::Ping, b"", None);
-                        self.shared.stats.frame_out(OpCode::Ping);
-                        self.ping_outstanding = true;
+                        None if now >= self.last_rx + interval => {
+                            frame::encode_frame(&mut self.wbuf, true, OpCode::Ping, b"", None);
+                            self.shared.stats.frame_out(OpCode::Ping);
+                            self.ping_sent = Some(now);
+                        }
+                        _ => {}
                     }
                 }
                 self.arm_keepalive();
@@ -766,6 +866,17 @@ impl<S: Transport> Driver<S> {
         CloseInfo {
             code: ABNORMAL_CLOSURE,
             reason: String::new(),
+        }
+    }
+}
+
+impl<S> Drop for Driver<S> {
+    fn drop(&mut self) {
+        if self.io_reading {
+            self.shared.stats.reading(-1);
+        }
+        if self.io_writing {
+            self.shared.stats.writing(-1);
         }
     }
 }

@@ -1,0 +1,103 @@
+"""Streaming messages larger than memory: ``conn.reader()`` and ``conn.writer()``."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from ._types import Opcode
+
+if TYPE_CHECKING:
+    from ._lightws import Connection
+
+__all__ = ["MessageReader", "MessageWriter"]
+
+
+class MessageReader:
+    """Async iterator over the payload chunks (``bytes``) of one message.
+
+    Returned by ``conn.reader()``. ``opcode`` is the message's TEXT or BINARY opcode,
+    known once the first chunk has arrived. Raises ``ConnectionClosed`` if the
+    connection closes before the message is complete.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._done = False
+        self.opcode: Opcode | None = None
+
+    def __aiter__(self) -> MessageReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._done:
+            opcode, data, fin = await self._conn._read_chunk()
+            if self.opcode is None:
+                self.opcode = opcode
+            if fin:
+                self._done = True
+            if data:
+                return data
+        raise StopAsyncIteration
+
+    async def read_all(self) -> bytes:
+        """The rest of the message joined (bounded only by memory)."""
+        return b"".join([chunk async for chunk in self])
+
+
+class MessageWriter:
+    """Sends one message as a sequence of frames. Use as ``async with conn.writer()``.
+
+    ``await w.write(chunk)`` sends a frame per call (``str`` chunks for a TEXT writer,
+    bytes-like for BINARY); leaving the block sends the final frame, also when the block
+    raised (the peer then gets the part written so far as a complete message).
+    """
+
+    def __init__(self, conn: Connection, binary: bool = True) -> None:
+        self._conn = conn
+        self._binary = binary
+        self._started = False
+        self._open = False
+
+    async def __aenter__(self) -> MessageWriter:
+        self._conn._writer_begin()
+        self._open = True
+        return self
+
+    async def write(self, chunk: bytes | bytearray | memoryview | str) -> None:
+        """Send ``chunk`` as the next fragment (an empty chunk sends nothing)."""
+        if not self._open:
+            raise RuntimeError("use the writer inside 'async with conn.writer() as w:'")
+        if self._binary:
+            if isinstance(chunk, str):
+                raise TypeError("a binary writer takes bytes-like chunks, not str")
+            data: bytes | bytearray | memoryview = chunk
+        else:
+            if not isinstance(chunk, str):
+                raise TypeError(f"a text writer takes str chunks, not {type(chunk).__name__}")
+            data = chunk.encode()
+        if not data:
+            return
+        await self._conn._send_frame(self._opcode(), data, False)
+        self._started = True
+
+    def _opcode(self) -> int:
+        if self._started:
+            return Opcode.CONTINUATION
+        return Opcode.BINARY if self._binary else Opcode.TEXT
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._open = False
+        try:
+            if not self._conn.closed:
+                # RFC 6455 5.4: the message ends with a frame that has FIN set; an empty
+                # writer sends one empty final TEXT/BINARY frame, never a lone
+                # continuation.
+                await self._conn._send_frame(self._opcode(), b"", True)
+        finally:
+            self._conn._writer_end()
