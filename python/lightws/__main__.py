@@ -1,35 +1,59 @@
-"""Command line: ``python -m lightws echo --addr 127.0.0.1:9001``."""
+"""Command line: the seed's demos, each with a browser page on the same port.
+
+    python -m lightws echo      --addr 127.0.0.1:9001   # ?reverse=1 reverses
+    python -m lightws countdown --addr 127.0.0.1:9001   # send N: "N...", ..., "boom!"
+    python -m lightws push      --addr 127.0.0.1:9001 --put-addr 127.0.0.1:9002
+
+Open http://127.0.0.1:9001/ in a browser for the demo's page. SIGINT/SIGTERM stop
+accepting, close every connection with 1001 (waiting up to close_timeout) and exit 0.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
-from . import Config, Connection, Handler, LogLevel, Message, Request, Response, Server
+from . import Config, HandshakeFunc, LogLevel, Server
+from .demos import PushRegistry, countdown_handshake, echo_handshake
 
 __all__ = ["main"]
 
-
-def echo_handshake(request: Request, response: Response) -> Handler | None:
-    """The seed's echo example: echoes every message; ``?reverse=1`` reverses it."""
-    reverse = request.query.get("reverse") == "1"
-
-    async def handler(conn: Connection) -> None:
-        async for msg in conn:
-            if msg.body == b"exit":
-                await conn.close()
-                return
-            body = msg.body[::-1] if reverse else msg.body
-            await conn.send(Message(msg.opcode, body))
-
-    return handler
+#: Makes the servers a demo runs beside its main one (started after it, closed before),
+#: each with the path to show in the banner.
+SideServers = Callable[[], list[tuple[Server, str]]]
 
 
-async def _serve(config: Config, stats_interval: float | None) -> int:
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address must be host:port, not {addr!r}")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(scheme: str, address: tuple[str, int], path: str = "/") -> str:
+    host, port = address
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}{path}"
+
+
+async def _serve(
+    config: Config, stats_interval: float | None, side: SideServers | None = None
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -37,11 +61,15 @@ async def _serve(config: Config, stats_interval: float | None) -> int:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
             pass
-    async with Server(config) as server:
-        host, port = server.address
-        scheme = "wss" if config.cert_file else "ws"
-        shown = host if ":" not in host else f"[{host}]"
-        print(f"lightws listening on {scheme}://{shown}:{port}/", flush=True)
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(Server(config))
+        tls = bool(config.cert_file)
+        print(f"lightws listening on {_url('wss' if tls else 'ws', server.address)}", flush=True)
+        print(f"open {_url('https' if tls else 'http', server.address)} in a browser", flush=True)
+        for extra, path in side() if side else []:
+            await stack.enter_async_context(extra)
+            # Side servers never upgrade; they answer plain HTTP (http_fallback).
+            print(f"HTTP endpoint on {_url('http', extra.address, path)}", flush=True)
 
         async def report() -> None:
             assert stats_interval
@@ -57,28 +85,99 @@ async def _serve(config: Config, stats_interval: float | None) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lightws", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    echo = sub.add_parser("echo", help="run the echo server (?reverse=1 reverses messages)")
-    echo.add_argument("--addr", default="127.0.0.1:9001", help="host:port (default %(default)s)")
-    echo.add_argument("--cert", help="PEM certificate chain (enables TLS)")
-    echo.add_argument("--key", help="PEM private key")
-    echo.add_argument(
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--addr", default="127.0.0.1:9001", help="host:port to listen on (default %(default)s)"
+    )
+    common.add_argument("--cert", help="PEM certificate chain (enables TLS; with --key)")
+    common.add_argument("--key", help="PEM private key")
+    common.add_argument(
         "--log-level",
         default="ERROR",
         choices=[lv.name for lv in LogLevel],
         help="lightws log level (default %(default)s)",
     )
-    echo.add_argument(
+    common.add_argument(
         "--max-msg-len", type=int, default=16 << 20, help="bytes (default %(default)s)"
     )
-    echo.add_argument("--threads", type=int, default=1, help="I/O threads (default 1)")
-    echo.add_argument(
-        "--stats-interval", type=float, default=None, help="print stats every N seconds"
+    common.add_argument("--threads", type=int, default=1, help="I/O threads (default 1)")
+    common.add_argument(
+        "--stats-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="print server stats every SECONDS",
     )
-    echo.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    common.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lightws",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    common = _common_options()
+    sub.add_parser(
+        "echo",
+        parents=[common],
+        help="echo every message (?reverse=1 reverses it; 'exit' closes)",
+        description="Echo every message; ?reverse=1 reverses it; 'exit' closes.",
+    )
+    countdown = sub.add_parser(
+        "countdown",
+        parents=[common],
+        help="send N: the server counts down 'N...' to '1...', then 'boom!' (0 stops)",
+        description="Send N: the server sends 'N...' once a second down to '1...', then "
+        "'boom!'. A new number restarts the countdown; 0 stops it.",
+    )
+    countdown.add_argument("--tick", type=float, default=1.0, help=argparse.SUPPRESS)
+    push = sub.add_parser(
+        "push",
+        parents=[common],
+        help="clients register with ?id=; GET /put/?id=&msg= on --put-addr pushes to them",
+        description="Clients connect with ?id=NAME; GET /put/?id=NAME&msg=TEXT on the "
+        "localhost-only --put-addr sends TEXT to that client (400 no_id without an id, "
+        "404 unknown_id for an id nobody registered).",
+    )
+    push.add_argument(
+        "--put-addr",
+        default="127.0.0.1:9002",
+        help="loopback host:port of the HTTP push endpoint (default %(default)s)",
+    )
     return p
+
+
+def _demo(args: argparse.Namespace, level: LogLevel) -> tuple[HandshakeFunc, SideServers | None]:
+    """The handshake of the chosen demo and the servers it needs beside the main one."""
+    if args.command == "countdown":
+        if args.tick <= 0:
+            raise ValueError("--tick must be positive")
+        return countdown_handshake(args.tick), None
+    if args.command == "push":
+        host, _ = _split_addr(args.put_addr)
+        if not _is_loopback(host):
+            raise ValueError(
+                f"--put-addr must be a loopback address (it has no authentication), "
+                f"not {args.put_addr!r}"
+            )
+        registry = PushRegistry()
+
+        def side() -> list[tuple[Server, str]]:
+            registry.put_url = f"http://{args.put_addr}/put/"
+            put = Config(
+                addr=args.put_addr,
+                handshake=registry.put_handshake,
+                http_fallback=True,
+                log_level=level,
+            )
+            return [(Server(put), "/put/?id=ID&msg=TEXT")]
+
+        return registry.handshake, side
+    return echo_handshake, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,22 +190,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if level == LogLevel.DEBUG else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    try:
+        handshake, side = _demo(args, level)
+    except ValueError as e:
+        print(f"lightws: {e}", file=sys.stderr)
+        return 2
     config = Config(
         addr=args.addr,
-        handshake=echo_handshake,
+        handshake=handshake,
+        http_fallback=True,
         cert_file=args.cert,
         key_file=args.key,
         max_msg_len=args.max_msg_len,
         log_level=level,
         threads=args.threads,
     )
-    run = asyncio.run
+    run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     if args.uvloop:
         import uvloop
 
         run = uvloop.run
     try:
-        return run(_serve(config, args.stats_interval))
+        return run(_serve(config, args.stats_interval, side))
     except OSError as e:
         print(f"lightws: {e}", file=sys.stderr)
         return 1

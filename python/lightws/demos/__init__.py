@@ -1,0 +1,17 @@
+"""The demos behind ``python -m lightws echo|countdown|push``.
+
+Each demo is a handshake callable (see :mod:`lightws.demos.echo`,
+:mod:`lightws.demos.countdown`, :mod:`lightws.demos.push`) run with
+``Config(http_fallback=True)``: WebSocket upgrades get the demo's handler, and a plain
+``GET /`` gets a small HTML page (package data next to this file) that talks to the
+demo from a browser.
+"""
+
+from __future__ import annotations
+
+from ._page import answer_http, page
+from .countdown import countdown_handshake
+from .echo import echo_handshake
+from .push import PushRegistry
+
+__all__ = ["PushRegistry", "answer_http", "countdown_handshake", "echo_handshake", "page"]
