@@ -1,0 +1,317 @@
+"""``python -m lightws echo|countdown|push`` as real subprocesses, driven by the
+websockets client and plain HTTP (aiohttp)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+pytestmark = pytest.mark.asyncio_loop_only  # the servers run in their own processes
+
+TICK = 0.05  # countdown --tick for the tests: 20 numbers a second
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Demo:
+    """A running ``python -m lightws <command>`` and what it printed before serving."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.banner = ""
+        self.put_port = 0  # push only: the HTTP endpoint's port
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def read_until(self, text: str, timeout: float = 10) -> str:
+        """Read the process's output until a line contains ``text``."""
+        assert self.proc.stdout is not None
+        seen = ""
+        while text not in seen:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            if not line:
+                raise AssertionError(f"process ended before printing {text!r}: {seen!r}")
+            seen += line.decode(errors="replace")
+        return seen
+
+    async def put(self, query: str) -> tuple[int, str]:
+        """``GET /put/<query>`` on the push endpoint: (status, body)."""
+        status, _, body = await http_get(f"http://127.0.0.1:{self.put_port}/put/{query}")
+        return status, body
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def start_demo(command: str, *extra: str, ready: str = "in a browser") -> Demo:
+    """Start a demo on a free port and wait until it has printed ``ready``."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "lightws",
+        command,
+        "--addr",
+        f"127.0.0.1:{port}",
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    demo = Demo(proc, port)
+    try:
+        demo.banner = await demo.read_until(ready, timeout=15)
+    except BaseException:
+        await demo.stop()
+        raise
+    return demo
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Demo]:
+    demo = await start_demo("echo")
+    yield demo
+    await demo.stop()
+
+
+@pytest.fixture
+async def countdown() -> AsyncIterator[Demo]:
+    demo = await start_demo("countdown", "--tick", str(TICK))
+    yield demo
+    await demo.stop()
+
+
+async def start_push() -> Demo:
+    put_port = free_port()
+    demo = await start_demo(
+        "push", "--put-addr", f"127.0.0.1:{put_port}", ready=f"127.0.0.1:{put_port}"
+    )
+    demo.put_port = put_port
+    return demo
+
+
+@pytest.fixture
+async def push() -> AsyncIterator[Demo]:
+    demo = await start_push()
+    yield demo
+    await demo.stop()
+
+
+async def http_get(url: str, method: str = "GET") -> tuple[int, str, str]:
+    """(status, Content-Type, body) of one plain HTTP request."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, timeout=aiohttp.ClientTimeout(total=10)) as response,
+    ):
+        return response.status, response.headers.get("Content-Type", ""), await response.text()
+
+
+async def recv(ws: ClientConnection, timeout: float = 5) -> str | bytes:
+    return await asyncio.wait_for(ws.recv(), timeout)
+
+
+# -- every demo ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["echo", "countdown", "push"])
+async def test_get_root_serves_the_demo_page_as_html(command: str) -> None:
+    demo = await start_push() if command == "push" else await start_demo(command)
+    try:
+        status, content_type, body = await http_get(demo.http + "/")
+        assert status == 200
+        assert content_type.startswith("text/html")
+        assert f"<title>lightws {command}</title>" in body
+        assert "new WebSocket(" in body
+    finally:
+        await demo.stop()
+
+
+async def test_page_server_answers_404_for_other_paths_and_405_for_other_methods(
+    echo: Demo,
+) -> None:
+    assert (await http_get(echo.http + "/nope"))[0] == 404
+    status, _, _ = await http_get(echo.http + "/", method="POST")
+    assert status == 405
+
+
+def test_help_lists_every_demo() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightws", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    for command in ("echo", "countdown", "push"):
+        assert command in result.stdout
+
+
+async def test_stats_interval_prints_stats_periodically() -> None:
+    demo = await start_demo("echo", "--stats-interval", "0.2")
+    try:
+        async with connect(demo.ws + "/") as ws:
+            await ws.send("x")
+            await recv(ws)
+            out = await demo.read_until("handshakes=1", timeout=10)
+            out += await demo.read_until("frames_out:", timeout=10)
+        assert "connections=1" in out
+        assert "TEXT=1" in out
+    finally:
+        await demo.stop()
+
+
+# -- echo -------------------------------------------------------------------------------
+
+
+async def test_echo_closes_with_1000_on_exit_message(echo: Demo) -> None:
+    async with connect(echo.ws + "/") as ws:
+        await ws.send("exit")
+        await asyncio.wait_for(ws.wait_closed(), 5)
+        assert ws.close_code == 1000
+
+
+# -- countdown --------------------------------------------------------------------------
+
+
+async def test_countdown_counts_down_then_booms(countdown: Demo) -> None:
+    loop = asyncio.get_running_loop()
+    async with connect(countdown.ws + "/") as ws:
+        started = loop.time()
+        await ws.send("3")
+        got = [await recv(ws) for _ in range(4)]
+        elapsed = loop.time() - started
+    assert got == ["3...", "2...", "1...", "boom!"]
+    assert elapsed >= 3 * TICK * 0.9  # one tick between messages
+
+
+async def test_countdown_zero_stops_it(countdown: Demo) -> None:
+    async with connect(countdown.ws + "/") as ws:
+        await ws.send("500")
+        assert await recv(ws) == "500..."
+        await ws.send("0")
+        while (msg := await recv(ws)) != "stopped":
+            assert isinstance(msg, str) and msg.endswith("...")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ws.recv(), 10 * TICK)
+
+
+async def test_countdown_new_number_restarts_it(countdown: Demo) -> None:
+    async with connect(countdown.ws + "/") as ws:
+        await ws.send("500")
+        assert await recv(ws) == "500..."
+        await ws.send("2")
+        while (msg := await recv(ws)) != "2...":
+            assert msg in {"499...", "498...", "497..."}
+        assert [await recv(ws), await recv(ws)] == ["1...", "boom!"]
+
+
+@pytest.mark.parametrize("sent", ["abc", "-1", "3601", "1.5"])
+async def test_countdown_rejects_what_is_not_a_count(countdown: Demo, sent: str) -> None:
+    async with connect(countdown.ws + "/") as ws:
+        await ws.send(sent)
+        msg = await recv(ws)
+        assert isinstance(msg, str) and msg.startswith("error:")
+
+
+async def test_sigterm_mid_countdown_closes_with_1001_and_exits_0(countdown: Demo) -> None:
+    async with connect(countdown.ws + "/") as ws:
+        await ws.send("500")
+        assert await recv(ws) == "500..."
+        countdown.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(ws.wait_closed(), 10)
+        assert ws.close_code == 1001
+    assert await asyncio.wait_for(countdown.proc.wait(), 10) == 0
+
+
+# -- push -------------------------------------------------------------------------------
+
+
+async def test_push_delivers_a_message_to_the_registered_client(push: Demo) -> None:
+    async with connect(push.ws + "/?id=a") as ws:
+        assert await push.put("?id=a&msg=hi") == (200, "ok")
+        assert await recv(ws) == "hi"
+        assert await push.put("?id=a&msg=h%C3%A9llo%20w") == (200, "ok")
+        assert await recv(ws) == "héllo w"
+
+
+async def test_push_without_id_is_400_no_id(push: Demo) -> None:
+    assert await push.put("") == (400, "no_id")
+    assert await push.put("?id=&msg=hi") == (400, "no_id")
+
+
+async def test_push_to_unknown_id_is_404(push: Demo) -> None:
+    async with connect(push.ws + "/?id=a"):
+        status, _ = await push.put("?id=b&msg=hi")
+        assert status == 404
+    # ``a`` is gone once its connection closed.
+    for _ in range(100):
+        status, _ = await push.put("?id=a&msg=hi")
+        if status == 404:
+            break
+        await asyncio.sleep(0.05)
+    assert status == 404
+
+
+async def test_push_endpoint_serves_only_put(push: Demo) -> None:
+    status, _, body = await http_get(f"http://127.0.0.1:{push.put_port}/other")
+    assert (status, body) == (404, "not found")
+
+
+async def test_push_websocket_without_id_is_rejected_with_400(push: Demo) -> None:
+    with pytest.raises(InvalidStatus) as excinfo:
+        async with connect(push.ws + "/"):
+            pass
+    assert excinfo.value.response.status_code == 400
+    assert excinfo.value.response.body == b"no_id"
+
+
+async def test_push_newer_client_takes_over_an_id(push: Demo) -> None:
+    async with connect(push.ws + "/?id=a") as first, connect(push.ws + "/?id=a") as second:
+        await asyncio.wait_for(first.wait_closed(), 10)
+        assert first.close_code == 4001
+        assert await push.put("?id=a&msg=to-second") == (200, "ok")
+        assert await recv(second) == "to-second"
+
+
+async def test_push_sigterm_exits_0(push: Demo) -> None:
+    async with connect(push.ws + "/?id=a") as ws:
+        push.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(ws.wait_closed(), 10)
+        assert ws.close_code == 1001
+    assert await asyncio.wait_for(push.proc.wait(), 10) == 0
+
+
+def test_push_refuses_a_put_addr_that_is_not_loopback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightws", "push", "--put-addr", "0.0.0.0:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "loopback" in result.stderr
