@@ -1,0 +1,238 @@
+"""A real browser against ``python -m lightws echo``: headless Chromium loads the echo
+demo page (served by the same port through ``http_fallback``), the test drives the page
+through the Chrome DevTools Protocol (over a WebSocket, with the websockets client) and
+reads the echoed messages back from the page's DOM.
+
+Skipped only when no Chromium binary is installed or it cannot start; ``.ci/run``
+installs Debian's ``chromium``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from test_demos import Demo, start_demo
+from websockets.asyncio.client import ClientConnection, connect
+
+pytestmark = pytest.mark.asyncio_loop_only  # server and browser run in their own processes
+
+CHROMIUM = next(
+    (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+)
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client: commands and their results."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self._ws:
+            message = json.loads(raw)
+            future = self._waiting.pop(message.get("id", 0), None)
+            if future is not None and not future.done():
+                future.set_result(message)  # events (no id) are not needed here
+        for future in self._waiting.values():
+            future.set_exception(ConnectionError("DevTools connection closed"))
+
+    async def call(
+        self, method: str, params: dict[str, Any] | None = None, session: str | None = None
+    ) -> dict[str, Any]:
+        command_id = next(self._ids)
+        command: dict[str, Any] = {"id": command_id, "method": method, "params": params or {}}
+        if session is not None:
+            command["sessionId"] = session
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[command_id] = future
+        await self._ws.send(json.dumps(command))
+        reply = await asyncio.wait_for(future, 20)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    async def evaluate(self, session: str, expression: str) -> Any:
+        """Run ``expression`` in the page, await it if it is a promise, return its value."""
+        result = await self.call(
+            "Runtime.evaluate",
+            {"expression": expression, "awaitPromise": True, "returnByValue": True},
+            session,
+        )
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise AssertionError(details.get("exception", {}).get("description", details))
+        return result["result"].get("value")
+
+    async def open_page(self, url: str) -> str:
+        """Open ``url`` in a new tab and wait for it to load; return the session id."""
+        target = await self.call("Target.createTarget", {"url": url})
+        attached = await self.call(
+            "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
+        )
+        session: str = attached["sessionId"]
+        for _ in range(200):
+            with contextlib.suppress(RuntimeError, AssertionError):  # navigation in flight
+                state = await self.evaluate(session, "location.href + ' ' + document.readyState")
+                if state == f"{url} complete":
+                    return session
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{url} did not load")
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await self._ws.close()
+
+
+@contextlib.asynccontextmanager
+async def chromium(tmp_path: Path, *flags: str) -> AsyncIterator[DevTools]:
+    """Headless Chromium with remote debugging on a free loopback port."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary on PATH (.ci/run installs Debian's chromium)")
+    profile = tmp_path / "profile"
+    log = tmp_path / "chromium.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",  # CI runs as root, where the sandbox cannot start
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={profile}",
+                *flags,
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,  # its helper processes share our kill below
+        )
+    try:
+        url = None
+        for _ in range(300):
+            match = re.search(rb"DevTools listening on (ws://\S+)", log.read_bytes())
+            if match:
+                url = match.group(1).decode()
+                break
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        if url is None:
+            tail = log.read_bytes()[-2000:].decode(errors="replace")
+            pytest.skip(f"chromium could not be launched: {tail}")
+        async with connect(url, max_size=None) as ws:
+            devtools = DevTools(ws)
+            try:
+                yield devtools
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(devtools.call("Browser.close"), 5)
+                await devtools.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+# Drives the echo page the way a person would: type, click, wait for the answer.
+ROUND_TRIP = """
+(async () => {
+  const $ = (id) => document.getElementById(id);
+  const until = async (what, cond) => {
+    for (let i = 0; i < 400; i++) {
+      if (cond()) return;
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+    throw new Error("timed out waiting for " + what + "; status: " + $("status").textContent);
+  };
+  const received = () => document.querySelectorAll("li[data-dir=in]");
+  await until("the connection", () => $("status").dataset.state === "open");
+  const before = received().length;
+  $("text").value = TEXT;
+  $("send-text").click();
+  await until("the text echo", () => received().length >= before + 1);
+  $("send-binary").click();
+  await until("the binary echo", () => received().length >= before + 2);
+  return Array.from(received(), (li) => [li.dataset.kind, li.querySelector(".data").textContent])
+    .slice(before);
+})()
+"""
+
+REVERSE = """
+(async () => {
+  const $ = (id) => document.getElementById(id);
+  $("reverse").click();  // reconnects with ?reverse=1
+  await new Promise((resolve) => setTimeout(resolve, 50));
+})()
+"""
+
+
+def round_trip(text: str) -> str:
+    return ROUND_TRIP.replace("TEXT", json.dumps(text))
+
+
+def hex_bytes(data: bytes) -> str:
+    return " ".join(f"{b:02x}" for b in data)
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Demo]:
+    demo = await start_demo("echo")
+    yield demo
+    await demo.stop()
+
+
+async def test_browser_echoes_text_and_binary_over_ws(tmp_path: Path, echo: Demo) -> None:
+    async with chromium(tmp_path) as browser:
+        session = await browser.open_page(f"http://127.0.0.1:{echo.port}/")
+        got = await browser.evaluate(session, round_trip("héllo, browser"))
+    assert got == [["text", "héllo, browser"], ["binary", hex_bytes("héllo, browser".encode())]]
+
+
+async def test_browser_reverse_checkbox_reverses(tmp_path: Path, echo: Demo) -> None:
+    async with chromium(tmp_path) as browser:
+        session = await browser.open_page(f"http://127.0.0.1:{echo.port}/")
+        await browser.evaluate(session, REVERSE)
+        got = await browser.evaluate(session, round_trip("stressed"))
+    assert got == [["text", "desserts"], ["binary", hex_bytes(b"desserts")]]
+
+
+async def test_browser_echoes_over_wss(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(cert_file), append=True)
+    cert.private_key_pem.write_to_path(str(key_file))
+    demo = await start_demo("echo", "--cert", str(cert_file), "--key", str(key_file))
+    try:
+        assert "wss://" in demo.banner
+        # The test CA is not in Chromium's trust store; a real deployment has a real cert.
+        async with chromium(tmp_path, "--ignore-certificate-errors") as browser:
+            session = await browser.open_page(f"https://127.0.0.1:{demo.port}/")
+            got = await browser.evaluate(session, round_trip("secure"))
+    finally:
+        await demo.stop()
+    assert got == [["text", "secure"], ["binary", hex_bytes(b"secure")]]
