@@ -1,17 +1,28 @@
-"""The seed's echo example: ``python examples/echo.py`` then connect to
-ws://127.0.0.1:9001/echo (``?reverse=1`` reverses each message)."""
+"""The seed's echo example: ``python examples/echo.py``, then open
+http://127.0.0.1:9001/echo in a browser, or connect a WebSocket client to
+ws://127.0.0.1:9001/echo (``?reverse=1`` reverses each message).
+
+``http_fallback=True`` shows plain HTTP requests to the same handshake callable
+(``request.upgrade`` is False): it answers ``GET /echo`` with the demo page from
+:mod:`lightws.demos`. Ctrl-C closes every client with 1001.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import lightws
+from lightws.demos import answer_http
 
 
 def handshake(request: lightws.Request, response: lightws.Response) -> lightws.Handler | None:
     if request.path != "/echo":
         response.status = 404
         response.body = b"no such endpoint"
+        return None
+    if not request.upgrade:
+        answer_http("echo", request, response, path="/echo")
         return None
     reverse = request.query.get("reverse") == "1"
     response.headers["Set-Cookie"] = "seen=1"
@@ -25,11 +36,14 @@ def handshake(request: lightws.Request, response: lightws.Response) -> lightws.H
 
 
 async def main() -> None:
-    config = lightws.Config(addr="127.0.0.1:9001", handshake=handshake, max_msg_len=16 << 20)
+    config = lightws.Config(
+        addr="127.0.0.1:9001", handshake=handshake, http_fallback=True, max_msg_len=16 << 20
+    )
     async with lightws.Server(config) as server:
-        print(f"listening on ws://127.0.0.1:{server.port}/echo")
+        print(f"open http://127.0.0.1:{server.port}/echo in a browser")
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

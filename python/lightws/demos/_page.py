@@ -17,10 +17,16 @@ def page(name: str) -> bytes:
 
 
 def answer_http(
-    name: str, request: Request, response: Response, substitutions: dict[str, str] | None = None
+    name: str,
+    request: Request,
+    response: Response,
+    substitutions: dict[str, str] | None = None,
+    *,
+    path: str = "/",
 ) -> None:
-    """Answer a plain HTTP request (``request.upgrade`` is False): ``GET /`` is the demo
-    page, other paths 404 and other methods 405.
+    """Answer a plain HTTP request (``request.upgrade`` is False): ``GET path`` is the
+    demo page (whose WebSocket connects to that same path), other paths 404 and other
+    methods 405.
 
     ``substitutions`` replaces placeholders in the page (each key, as written in the
     HTML, by its value).
@@ -30,7 +36,7 @@ def answer_http(
         response.status = 405
         response.headers["Allow"] = "GET"
         response.body = b"method not allowed"
-    elif request.path not in ("/", "/index.html"):
+    elif request.path != path:
         response.status = 404
         response.body = b"not found"
     else:
