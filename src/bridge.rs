@@ -848,7 +848,23 @@ impl Connection {
 
     /// Close the TCP connection now, without a close handshake.
     fn abort(&self) {
-        self.shared.outbox.lock().abort = true;
+        {
+            let mut ob = self.shared.outbox.lock();
+            ob.abort = true;
+            // No more sends from here on.
+            ob.closing = true;
+        }
+        {
+            // Closed as far as this side is concerned: recv() raises once the queue is
+            // read (1006, no close frame).
+            let mut inbox = self.shared.inbox.lock();
+            if inbox.closed.is_none() {
+                inbox.closed = Some(CloseInfo {
+                    code: ABNORMAL_CLOSURE,
+                    reason: String::new(),
+                });
+            }
+        }
         self.shared.waker.wake();
     }
 
