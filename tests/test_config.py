@@ -224,3 +224,52 @@ async def test_tls_echo_with_a_trusted_certificate(tmp_path: Path) -> None:
             async with connect(f"ws://127.0.0.1:{server.port}/", open_timeout=3) as ws:
                 await ws.send("plain")
                 await asyncio.wait_for(ws.recv(), 3)
+
+
+async def test_certificate_lists_are_chosen_by_sni(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    certs, keys = [], []
+    for name in ("alpha.test", "beta.test"):
+        issued = ca.issue_cert(name)
+        cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+        cert_path.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+        issued.private_key_pem.write_to_path(str(key_path))
+        certs.append(str(cert_path))
+        keys.append(str(key_path))
+    client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(client_ctx)
+    async with serve(cert_file=",".join(certs), key_file=",".join(keys)) as server:
+        for name in ("alpha.test", "beta.test"):
+            uri = f"wss://127.0.0.1:{server.port}/"
+            # Verification fails unless the server presents the certificate for `name`.
+            async with connect(uri, ssl=client_ctx, server_hostname=name) as ws:
+                await ws.send(name)
+                assert await asyncio.wait_for(ws.recv(), 5) == name
+
+
+async def test_serve_forever_runs_until_cancelled() -> None:
+    server = lightws.Server(lightws.Config(addr="127.0.0.1:0", handshake=echo_handshake))
+    await server.start()
+    task = asyncio.ensure_future(server.serve_forever())
+    try:
+        async with connect(url(server)) as ws:
+            await ws.send("forever")
+            assert await asyncio.wait_for(ws.recv(), 5) == "forever"
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+    finally:
+        await asyncio.wait_for(server.close(), 10)
+
+
+async def test_clients_vanishing_mid_handshake_do_not_disturb_the_server() -> None:
+    async with serve() as server:
+        for partial in (b"", b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nUpgr"):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(partial)
+            await writer.drain()
+            writer.transport.abort()
+        async with connect(url(server)) as ws:
+            await ws.send("unbothered")
+            assert await asyncio.wait_for(ws.recv(), 5) == "unbothered"

@@ -375,3 +375,14 @@ async def test_handler_sees_connection_closed_error_after_protocol_error() -> No
         exc = await asyncio.wait_for(queue.get(), 5)
     assert isinstance(exc, lightws.ConnectionClosedError)
     assert exc.code == 1007
+
+
+async def test_64bit_length_with_the_most_significant_bit_set_is_refused(
+    echo_server: lightws.Server,
+) -> None:
+    # RFC 6455 5.2: the most significant bit of a 64-bit length must be 0.
+    head = bytes([0x82, 0x80 | 127]) + struct.pack("!Q", 1 << 63) + b"\x00\x00\x00\x00"
+    async with await RawWebSocket.connect(echo_server.port) as ws:
+        await ws.write(head)
+        code, _ = await ws.read_close()
+        assert code in (1002, 1009)
