@@ -1,0 +1,190 @@
+"""conn.reader() / conn.writer(): messages streamed chunk by chunk (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import lightws
+import pytest
+from conftest import reporting_handshake, serve, url
+from rawws import RawWebSocket
+from websockets.asyncio.client import connect
+
+OP_TEXT, OP_BINARY, OP_CONT, OP_PING = 1, 2, 0, 9
+
+
+async def test_reader_yields_a_fragmented_message_chunk_by_chunk_beyond_max_msg_len() -> None:
+    chunks: list[bytes] = []
+
+    async def body(conn: lightws.Connection) -> Any:
+        reader = conn.reader()
+        async for chunk in reader:
+            chunks.append(chunk)
+        return reader.opcode, b"".join(chunks)
+
+    handshake, outcome = reporting_handshake(body)
+    part = bytes(range(256)) * 256  # 64 KiB
+    async with serve(handshake, max_msg_len=1024) as server:
+        async with await RawWebSocket.connect(server.port) as ws:
+            await ws.send_frame(OP_BINARY, part, fin=False)
+            for _ in range(14):
+                await ws.send_frame(OP_CONT, part, fin=False)
+            await ws.send_frame(OP_CONT, part, fin=True)
+            opcode, data = await asyncio.wait_for(outcome, 10)
+    assert opcode == lightws.Opcode.BINARY
+    assert data == part * 16  # 1 MiB through a server whose max_msg_len is 1 KiB
+    assert len(chunks) >= 16
+
+
+async def test_reader_streams_one_huge_single_frame_without_assembling_it() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        digest = hashlib.sha256()
+        count = 0
+        async for chunk in conn.reader():
+            digest.update(chunk)
+            count += 1
+        return digest.hexdigest(), count
+
+    handshake, outcome = reporting_handshake(body)
+    payload = b"z" * (8 << 20)
+    async with serve(handshake) as server:  # max_msg_len 1 MiB by default
+        async with await RawWebSocket.connect(server.port) as ws:
+            await ws.send_frame(OP_BINARY, payload)
+            digest, count = await asyncio.wait_for(outcome, 20)
+    assert digest == hashlib.sha256(payload).hexdigest()
+    assert count > 1  # it arrived in pieces, not as one 8 MiB buffer
+
+
+async def test_control_frames_keep_flowing_while_a_message_streams() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        return await conn.reader().read_all()
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server:
+        async with await RawWebSocket.connect(server.port) as ws:
+            await ws.send_frame(OP_TEXT, b"hello ", fin=False)
+            await ws.send_frame(OP_PING, b"are you there")
+            pong = await ws.recv_frame()
+            assert (pong.opcode, pong.payload) == (10, b"are you there")
+            await ws.send_frame(OP_CONT, "wörld".encode(), fin=True)
+            assert await asyncio.wait_for(outcome, 5) == "hello wörld".encode()
+
+
+async def test_invalid_utf8_in_a_streamed_text_message_closes_with_1007() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        with pytest.raises(lightws.ConnectionClosedError) as info:
+            async for _ in conn.reader():
+                pass
+        return info.value.code
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server:
+        async with await RawWebSocket.connect(server.port) as ws:
+            await ws.send_frame(OP_TEXT, b"fine so far ", fin=False)
+            await ws.send_frame(OP_CONT, b"\xed\xa0\x80", fin=False)  # a surrogate
+            code, _ = await ws.read_close()
+            assert code == 1007
+            assert await asyncio.wait_for(outcome, 5) == 1007
+
+
+async def test_reader_returns_an_already_received_message_whole() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        await conn.send("ready")
+        await asyncio.sleep(0.3)  # the message arrives before reader() is called
+        chunks = [c async for c in conn.reader()]
+        following = await conn.recv()
+        return chunks, following.text
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server:
+        async with connect(url(server)) as ws:
+            assert await ws.recv() == "ready"
+            await ws.send(b"early")
+            await ws.send("next")
+            chunks, following = await asyncio.wait_for(outcome, 5)
+    assert chunks == [b"early"]
+    assert following == "next"
+
+
+async def test_writer_sends_one_fragmented_message() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        async with conn.writer(binary=False) as w:
+            for word in ("streamed ", "in ", "pieces"):
+                await w.write(word)
+        async with conn.writer() as w:
+            await w.write(b"\x00" * 100_000)
+            await w.write(bytearray(b"\x01" * 10))
+        return None
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server:
+        async with await RawWebSocket.connect(server.port) as ws:
+            frames = [await ws.recv_frame() for _ in range(4)]
+            assert [(f.opcode, f.fin) for f in frames] == [
+                (OP_TEXT, False),
+                (OP_CONT, False),
+                (OP_CONT, False),
+                (OP_CONT, True),
+            ]
+            assert b"".join(f.payload for f in frames) == b"streamed in pieces"
+            op, data = await ws.recv_message()
+            assert op == OP_BINARY
+            assert data == b"\x00" * 100_000 + b"\x01" * 10
+        await asyncio.wait_for(outcome, 5)
+
+
+async def test_an_empty_writer_sends_one_empty_final_frame() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        async with conn.writer():
+            pass
+        return None
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server:
+        async with await RawWebSocket.connect(server.port) as ws:
+            frame = await ws.recv_frame()
+            assert (frame.opcode, frame.fin, frame.payload) == (OP_BINARY, True, b"")
+        await asyncio.wait_for(outcome, 5)
+
+
+async def test_send_during_a_writer_waits_for_the_final_frame() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        async with conn.writer(binary=False) as w:
+            await w.write("part one, ")
+            other = asyncio.ensure_future(conn.send("interloper"))
+            await asyncio.sleep(0.05)
+            assert not other.done()
+            await w.write("part two")
+        await asyncio.wait_for(other, 5)
+        return None
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server:
+        async with connect(url(server)) as ws:
+            assert await asyncio.wait_for(ws.recv(), 5) == "part one, part two"
+            assert await asyncio.wait_for(ws.recv(), 5) == "interloper"
+        await asyncio.wait_for(outcome, 5)
+
+
+async def test_writer_rejects_wrong_chunk_types_and_nested_writers() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        async with conn.writer(binary=False) as w:
+            with pytest.raises(TypeError):
+                await w.write(b"bytes into a text writer")
+            with pytest.raises(RuntimeError):
+                async with conn.writer():
+                    pass
+            await w.write("ok")
+        async with conn.writer() as w:
+            with pytest.raises(TypeError):
+                await w.write("str into a binary writer")
+        return None
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server:
+        async with connect(url(server)) as ws:
+            assert await asyncio.wait_for(ws.recv(), 5) == "ok"
+            assert await asyncio.wait_for(ws.recv(), 5) == b""
+        await asyncio.wait_for(outcome, 5)
