@@ -3,10 +3,10 @@
     python docs/gen_api.py            # rewrite docs/api.md
     python docs/gen_api.py --check    # exit 1 if docs/api.md is out of date
 
-Every name in ``lightws.__all__`` and ``lightws.demos.__all__`` gets a section: its
-signature, its docstring, and for classes their public methods and properties; for
-dataclasses every field with its type, default and ``#:`` comment; for enums every
-member. Signatures of the native classes come from ``_lightws.pyi``, which carries
+Every name in ``lightws.__all__`` and in the ``__all__`` of ``lightws.streaming`` and
+``lightws.demos`` gets a section: its signature, its docstring, and for classes their
+public methods and properties; for dataclasses every field with its type, default and
+``#:`` comment; for enums every member. Signatures of the native classes come from ``_lightws.pyi``, which carries
 the types the compiled module cannot report.
 """
 
@@ -26,6 +26,7 @@ from typing import Any
 
 import lightws
 import lightws.demos
+import lightws.streaming
 
 OUT = Path(__file__).with_name("api.md")
 
@@ -46,6 +47,13 @@ GROUPS: list[tuple[str, list[str]]] = [
             "PayloadTooBig",
         ],
     ),
+]
+
+
+#: Public modules whose names are not re-exported by ``lightws`` itself.
+SUBMODULES: list[tuple[str, ModuleType]] = [
+    ("Streaming", lightws.streaming),
+    ("Demos", lightws.demos),
 ]
 
 
@@ -259,10 +267,11 @@ def render() -> str:
         out.append(f"## {title}\n")
         for name in names:
             out.append(section(name, getattr(lightws, name), lightws) + "\n")
-    out.append("## Demos (`lightws.demos`)\n")
-    out.append(doc(lightws.demos) + "\n")
-    for name in sorted(lightws.demos.__all__):
-        out.append(section(name, getattr(lightws.demos, name), lightws.demos) + "\n")
+    for title, module in SUBMODULES:
+        out.append(f"## {title} (`{module.__name__}`)\n")
+        out.append(doc(module) + "\n")
+        for name in sorted(module.__all__):
+            out.append(section(name, getattr(module, name), module) + "\n")
     return "\n".join(out).rstrip() + "\n"
 
 
