@@ -815,6 +815,15 @@ impl Connection {
         if st.finished {
             return done(py);
         }
+        if let Some(tx) = st.reply.take() {
+            // Still in the handshake (e.g. the server is closing): refuse the upgrade.
+            let _ = tx.send(Reply::Respond {
+                status: 503,
+                headers: vec![("Retry-After".into(), "1".into())],
+                body: b"server is shutting down".to_vec(),
+            });
+            return done(py);
+        }
         let mut ob = self.shared.outbox.lock();
         if ob.closed {
             return done(py);
