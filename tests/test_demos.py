@@ -225,7 +225,8 @@ async def test_countdown_new_number_restarts_it(countdown: Demo) -> None:
         assert await recv(ws) == "500..."
         await ws.send("2")
         while (msg := await recv(ws)) != "2...":
-            assert msg in {"499...", "498...", "497..."}
+            # numbers of the first countdown sent before the server read "2"
+            assert isinstance(msg, str) and msg.endswith("...") and int(msg[:-3]) > 400
         assert [await recv(ws), await recv(ws)] == ["1...", "boom!"]
 
 
