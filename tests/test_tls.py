@@ -232,7 +232,7 @@ async def test_message_over_max_msg_len_is_refused_over_tls(pair_a: tuple[str, s
 
 
 async def test_many_concurrent_tls_clients_on_two_threads(pair_a: tuple[str, str]) -> None:
-    async with tls_server(*pair_a, threads=2) as server:
+    async with tls_server(*pair_a, threads=2, handshake_read_timeout=30) as server:
 
         async def one(i: int) -> None:
             async with wss_client(server) as ws:
