@@ -33,11 +33,17 @@ _LEVELS = {
 class Rates:
     """Per-second rates of the cumulative counters over the last 30 seconds."""
 
+    #: Completed handshakes per second.
     handshakes: float = 0.0
+    #: Failed or rejected handshakes per second.
     handshakes_failed: float = 0.0
+    #: Bytes read from sockets per second (after TLS decryption: WebSocket bytes).
     bytes_in: float = 0.0
+    #: Bytes written to sockets per second (WebSocket bytes).
     bytes_out: float = 0.0
+    #: Frames received per second, per opcode.
     frames_in: dict[Opcode, float] = field(default_factory=dict)
+    #: Frames sent per second, per opcode.
     frames_out: dict[Opcode, float] = field(default_factory=dict)
 
 
@@ -49,16 +55,27 @@ class Stats:
     ``Config.io_statistics`` is on.
     """
 
+    #: Open TCP connections (including those still in their handshake).
     connections: int = 0
+    #: The most connections open at once since the server started.
     max_connections: int = 0
+    #: Connections waiting for input (``io_statistics`` only, else None).
     connections_reading: int | None = None
+    #: Connections with output the socket has not taken yet (``io_statistics`` only).
     connections_writing: int | None = None
+    #: Completed WebSocket handshakes (101 sent).
     handshakes: int = 0
+    #: Handshakes that failed: malformed or rejected requests, timeouts, 503s.
     handshakes_failed: int = 0
+    #: Bytes read from sockets (WebSocket bytes; after TLS decryption).
     bytes_in: int = 0
+    #: Bytes written to sockets (WebSocket bytes; before TLS encryption).
     bytes_out: int = 0
+    #: Frames received, per opcode (a fragmented message counts once).
     frames_in: dict[Opcode, int] = field(default_factory=dict)
+    #: Frames sent, per opcode.
     frames_out: dict[Opcode, int] = field(default_factory=dict)
+    #: Per-second rates of the counters over the last 30 seconds.
     rates: Rates = field(default_factory=Rates)
 
     def __str__(self) -> str:
@@ -170,6 +187,7 @@ class Server:
 
     @property
     def is_serving(self) -> bool:
+        """True between start() and close()."""
         return self._core is not None and self._closed is not None and not self._closed.done()
 
     async def serve_forever(self) -> None:
