@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from . import Config, HandshakeFunc, LogLevel, Server
+from . import Config, HandshakeFunc, LogLevel, Server, _bench
 from .demos import PushRegistry, countdown_handshake, echo_handshake
 
 __all__ = ["main"]
@@ -148,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
         default="127.0.0.1:9002",
         help="loopback host:port of the HTTP push endpoint (default %(default)s)",
     )
+    bench = sub.add_parser("bench", help="load generator: echo, rate and idle loads")
+    _bench.add_arguments(bench)
     return p
 
 
@@ -182,6 +184,8 @@ def _demo(args: argparse.Namespace, level: LogLevel) -> tuple[HandshakeFunc, Sid
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        return _bench.run(args)
     if bool(args.cert) != bool(args.key):
         print("--cert and --key go together", file=sys.stderr)
         return 2

@@ -100,3 +100,23 @@ class Core:
     @property
     def tls(self) -> bool: ...
     def stats(self) -> dict[str, Any]: ...
+
+def run_bench(
+    mode: str,
+    url: str,
+    *,
+    connections: int = 100,
+    size: int = 64,
+    pipeline: int = 1,
+    duration: float = 5.0,
+    warmup: float = 1.0,
+    rate: float = 10000.0,
+    sources: int = 0,
+    insecure: bool = False,
+    cafile: str | None = None,
+    text: bool = False,
+    progress: bool = True,
+    threads: int = 1,
+) -> dict[str, Any] | None:
+    """Run the load generator (``mode`` echo/rate/idle) and return its report, or serve
+    the floor echo server (``mode="floor-server"``, ``url`` = host:port) until interrupted."""

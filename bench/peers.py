@@ -1,0 +1,118 @@
+"""Echo servers of the libraries lightws is compared with, one per process.
+
+    python bench/peers.py {websockets,picows,aiohttp} --port PORT [--uvloop]
+
+Each echoes every message back with its opcode, compression off, messages up to
+16 MiB (as ``python -m lightws echo``), and prints ``ready`` once listening. The
+handlers are the libraries' idiomatic ones: websockets and aiohttp await the next
+message in a per-connection coroutine; picows is callback based and echoes each
+frame as it is parsed (the load generator sends every message as one frame).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+MAX_SIZE = 16 << 20
+
+
+async def websockets_server(host: str, port: int) -> Callable[[], Awaitable[None]]:
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def handler(ws: ServerConnection) -> None:
+        async for msg in ws:
+            await ws.send(msg)
+
+    server = await serve(handler, host, port, compression=None, max_size=MAX_SIZE)
+
+    async def close() -> None:
+        server.close()
+        await server.wait_closed()
+
+    return close
+
+
+async def picows_server(host: str, port: int) -> Callable[[], Awaitable[None]]:
+    from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
+
+    class Echo(WSListener):
+        def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+            if frame.msg_type == WSMsgType.CLOSE:
+                transport.send_close(frame.get_close_code(), frame.get_close_message())
+                transport.disconnect()
+            elif frame.msg_type == WSMsgType.PING:
+                transport.send_pong(frame.get_payload_as_bytes())
+            elif frame.msg_type != WSMsgType.PONG:
+                transport.send(frame.msg_type, frame.get_payload_as_memoryview(), frame.fin)
+
+    server = await ws_create_server(lambda _request: Echo(), host, port, max_frame_size=MAX_SIZE)
+
+    async def close() -> None:
+        server.close()
+        await server.wait_closed()
+
+    return close
+
+
+async def aiohttp_server(host: str, port: int) -> Callable[[], Awaitable[None]]:
+    from aiohttp import WSMsgType, web
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_SIZE)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, backlog=4096).start()
+    return runner.cleanup
+
+
+SERVERS: dict[str, Callable[[str, int], Awaitable[Callable[[], Awaitable[None]]]]] = {
+    "websockets": websockets_server,
+    "picows": picows_server,
+    "aiohttp": aiohttp_server,
+}
+
+
+async def main(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    close = await SERVERS[args.server](args.host, args.port)
+    print("ready", flush=True)
+    await stop.wait()
+    await close()
+
+
+def run(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("server", choices=sorted(SERVERS))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--uvloop", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    runner: Any = asyncio.run
+    if args.uvloop:
+        import uvloop
+
+        runner = uvloop.run
+    runner(main(args))
+
+
+if __name__ == "__main__":
+    run()

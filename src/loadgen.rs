@@ -1,0 +1,707 @@
+//! Load generator behind `python -m lightws bench` (and the floor server that
+//! `bench/compare.py` measures the Python servers against).
+//!
+//! Pure Rust on its own tokio runtime; the single `#[pyfunction]`
+//! [`run_bench`] at the bottom is the only place that sees Python, and it
+//! releases the GIL for the whole run.
+//!
+//! Modes:
+//! - `echo`: closed loop. Each of N connections keeps `pipeline` messages in
+//!   flight and sends a new one for every echo received. Reports messages/s
+//!   and MB/s (echoed payload bytes, one direction, 10^6 bytes).
+//! - `rate`: open loop. The N connections together send `rate` messages/s
+//!   on a fixed schedule; each echo's latency is taken from the message's
+//!   *scheduled* send time, so a server that stalls is charged for all the
+//!   messages it delayed (no coordinated omission). HDR histogram,
+//!   3 significant digits.
+//! - `idle`: opens N connections (spread over several 127.0.0.x source
+//!   addresses when the server is on loopback: one source address reaches only
+//!   ~28k ephemeral ports), holds them for `duration`, reports how many are
+//!   open.
+//!
+//! Frames are masked with a fresh key per frame and decoded with
+//! [`crate::frame`]; the server's 101 is checked with
+//! [`crate::handshake::accept_key`].
+
+mod client;
+mod floor;
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use tokio::sync::watch;
+
+use crate::frame::OpCode;
+pub use client::Target;
+
+/// At most this many connections are in their connect/handshake at once.
+const CONNECT_CONCURRENCY: usize = 256;
+/// After the schedule ends (rate mode), wait this long for the last echoes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Error messages kept for the report.
+const MAX_ERRORS: usize = 5;
+
+/// The load shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Closed loop.
+    Echo,
+    /// Open loop at a fixed rate.
+    Rate,
+    /// Hold connections open.
+    Idle,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Echo => "echo",
+            Mode::Rate => "rate",
+            Mode::Idle => "idle",
+        }
+    }
+}
+
+/// One run's settings (see the Python `bench` subcommand for the defaults).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The load shape.
+    pub mode: Mode,
+    /// `ws://` or `wss://` URL.
+    pub url: String,
+    /// Connections to open.
+    pub connections: usize,
+    /// Message payload size in bytes.
+    pub size: usize,
+    /// Messages in flight per connection (echo mode).
+    pub pipeline: usize,
+    /// Measured seconds (idle: seconds to hold the connections).
+    pub duration: f64,
+    /// Seconds of load before measuring starts (echo, rate).
+    pub warmup: f64,
+    /// Messages per second over all connections (rate mode).
+    pub rate: f64,
+    /// Source addresses 127.0.0.1.. to spread connections over; 0 = one per
+    /// 16,000 connections when the server is on 127.0.0.0/8, else none.
+    pub sources: usize,
+    /// Skip server certificate verification (wss://).
+    pub insecure: bool,
+    /// PEM file of trusted CA certificates (wss://).
+    pub cafile: Option<String>,
+    /// Send TEXT (ASCII payload) instead of BINARY.
+    pub text: bool,
+    /// Print a progress line on stderr once a second.
+    pub progress: bool,
+    /// Tokio worker threads of the load generator (1 = current-thread runtime).
+    pub threads: usize,
+}
+
+/// Where the run is; connection tasks watch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Connections are being opened; nobody sends yet.
+    Connect,
+    /// Load runs; the value is the start time (CLOCK_MONOTONIC ns).
+    Run(u64),
+    /// Close and finish.
+    Stop,
+}
+
+/// Counters shared by the connection tasks and the controller.
+pub struct Shared {
+    /// Data messages received (echo: all; rate: inside the measured window).
+    pub messages: AtomicU64,
+    /// Their payload bytes.
+    pub bytes: AtomicU64,
+    /// Messages sent (rate mode).
+    pub sent: AtomicU64,
+    /// Echoes received (rate mode, including warmup).
+    pub received: AtomicU64,
+    /// Messages never answered before the end (rate mode).
+    pub timeouts: AtomicU64,
+    /// Connections that completed the handshake.
+    pub opened: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Connections that failed (connect, handshake or later).
+    pub failed: AtomicU64,
+    errors: Mutex<Vec<String>>,
+    latency: Mutex<Histogram<u64>>,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            errors: Mutex::new(Vec::new()),
+            // 1 ns .. 1000 s, 3 significant digits (~0.1 % error).
+            latency: Mutex::new(
+                Histogram::new_with_bounds(1, 1_000_000_000_000, 3).expect("valid bounds"),
+            ),
+        }
+    }
+
+    /// Count a failed connection and keep its message (first few distinct).
+    pub fn fail(&self, error: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut errors = self.errors.lock();
+        if errors.len() < MAX_ERRORS && !errors.contains(&error) {
+            errors.push(error);
+        }
+    }
+
+    /// Record one latency in nanoseconds.
+    pub fn record_latency(&self, ns: u64) {
+        self.latency.lock().saturating_record(ns.max(1));
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock timerfd deadlines use).
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Debug, Default)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Mean.
+    pub mean_us: f64,
+    /// Median.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Largest sample.
+    pub max_us: f64,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// `echo`, `rate` or `idle`.
+    pub mode: &'static str,
+    /// The URL.
+    pub url: String,
+    /// Connections asked for.
+    pub connections: usize,
+    /// Connections that completed the handshake.
+    pub opened: u64,
+    /// Connections that failed.
+    pub failed: u64,
+    /// Connections still open at the end of the run (before closing).
+    pub open_at_end: u64,
+    /// Payload size.
+    pub size: usize,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Messages received in the measured window.
+    pub messages: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// messages / seconds.
+    pub msgs_per_s: f64,
+    /// bytes / seconds / 10^6.
+    pub mb_per_s: f64,
+    /// Rate mode: messages sent in total.
+    pub sent: u64,
+    /// Rate mode: the rate asked for.
+    pub target_rate: f64,
+    /// Rate mode: messages never answered.
+    pub timeouts: u64,
+    /// Rate mode: latency from scheduled send to echo.
+    pub latency: Option<Latency>,
+    /// The first few distinct connection errors.
+    pub errors: Vec<String>,
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Bad option or URL.
+    #[error("{0}")]
+    Invalid(String),
+    /// Resolving, binding, runtime creation.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The run was interrupted (the callback said so).
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// Source addresses for `opts` against `target`.
+fn source_addresses(opts: &Options, server: std::net::SocketAddr) -> Vec<Ipv4Addr> {
+    let loopback = matches!(server.ip(), std::net::IpAddr::V4(ip) if ip.is_loopback());
+    let count = match opts.sources {
+        0 if loopback && opts.mode == Mode::Idle => opts.connections / 16_000 + 1,
+        0 => 0,
+        n => n,
+    };
+    if count == 0 || !loopback {
+        return Vec::new();
+    }
+    (0..count.min(254))
+        .map(|i| Ipv4Addr::new(127, 0, 0, 1 + i as u8))
+        .collect()
+}
+
+/// Raise the soft open-file limit to the hard limit (idle mode opens many).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid resource id and out pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Run one load. `interrupted` is polled about ten times a second; when it
+/// returns true the run stops with [`BenchError::Interrupted`].
+///
+/// # Errors
+///
+/// [`BenchError::Invalid`] for bad options, [`BenchError::Io`] if the host
+/// cannot be resolved or the runtime not created.
+pub fn run(opts: Options, interrupted: &dyn Fn() -> bool) -> Result<Report, BenchError> {
+    let target = Target::parse(&opts.url).map_err(BenchError::Invalid)?;
+    if opts.connections == 0 {
+        return Err(BenchError::Invalid("connections must be at least 1".into()));
+    }
+    if opts.mode == Mode::Echo && opts.pipeline == 0 {
+        return Err(BenchError::Invalid("pipeline must be at least 1".into()));
+    }
+    if opts.mode == Mode::Rate && !(opts.rate > 0.0 && opts.rate.is_finite()) {
+        return Err(BenchError::Invalid("rate must be a positive number".into()));
+    }
+    if !(opts.duration >= 0.0 && opts.warmup >= 0.0) {
+        return Err(BenchError::Invalid(
+            "duration and warmup must be >= 0".into(),
+        ));
+    }
+    raise_nofile_limit();
+    let rt = if opts.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(opts.threads)
+            .enable_all()
+            .build()?
+    };
+    let result = rt.block_on(drive(opts, target, interrupted));
+    // Tasks that did not finish their close in time are dropped here.
+    rt.shutdown_background();
+    result
+}
+
+async fn drive(
+    opts: Options,
+    target: Target,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Report, BenchError> {
+    let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await?
+        .next()
+        .ok_or_else(|| BenchError::Invalid(format!("{}: no address", target.host)))?;
+    let tls = if target.tls {
+        let config = client::tls_config(opts.insecure, opts.cafile.as_deref())
+            .map_err(BenchError::Invalid)?;
+        Some(tokio_rustls::TlsConnector::from(config))
+    } else {
+        None
+    };
+    let server_name = rustls_pki_types::ServerName::try_from(target.host.clone())
+        .map_err(|e| BenchError::Invalid(format!("{}: {e}", target.host)))?;
+    let mut payload = vec![0u8; opts.size];
+    if opts.text {
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b = b'a' + (i % 26) as u8;
+        }
+    } else {
+        client::Rng::new(u64::MAX).fill(&mut payload);
+    }
+    let plan = Arc::new(client::Plan {
+        sources: source_addresses(&opts, addr),
+        target,
+        addr,
+        tls,
+        server_name,
+        payload,
+        opcode: if opts.text {
+            OpCode::Text
+        } else {
+            OpCode::Binary
+        },
+        opts: opts.clone(),
+    });
+    let shared = Arc::new(Shared::new());
+    let (phase_tx, phase_rx) = watch::channel(Phase::Connect);
+    let gate = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..opts.connections {
+        tasks.spawn(client::run(
+            plan.clone(),
+            shared.clone(),
+            index,
+            phase_rx.clone(),
+            gate.clone(),
+        ));
+    }
+    drop(phase_rx);
+    let mut clock = Ticker::new(opts.progress);
+
+    // Phase 1: every connection either open or failed.
+    let n = opts.connections as u64;
+    loop {
+        let opened = shared.opened.load(Ordering::Relaxed);
+        let failed = shared.failed.load(Ordering::Relaxed);
+        if opened + failed >= n {
+            break;
+        }
+        clock
+            .tick(interrupted, || {
+                format!("connecting: {opened}/{n} open, {failed} failed")
+            })
+            .await?;
+    }
+    let opened = shared.opened.load(Ordering::Relaxed);
+    if opened == 0 {
+        let errors = shared.errors.lock().join("; ");
+        return Err(BenchError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!("no connection could be opened to {}: {errors}", opts.url),
+        )));
+    }
+
+    // Phase 2: load.
+    let t0 = mono_ns();
+    let _ = phase_tx.send(Phase::Run(t0));
+    let warmup = Duration::from_secs_f64(opts.warmup);
+    let duration = Duration::from_secs_f64(opts.duration);
+    let mut report = Report {
+        mode: opts.mode.name(),
+        url: opts.url.clone(),
+        connections: opts.connections,
+        size: opts.size,
+        target_rate: if opts.mode == Mode::Rate {
+            opts.rate
+        } else {
+            0.0
+        },
+        ..Report::default()
+    };
+    match opts.mode {
+        Mode::Echo => {
+            let start = Instant::now();
+            while start.elapsed() < warmup {
+                clock
+                    .tick(interrupted, || progress_rate("warmup", &shared, &mut None))
+                    .await?;
+            }
+            let (m0, b0) = (
+                shared.messages.load(Ordering::Relaxed),
+                shared.bytes.load(Ordering::Relaxed),
+            );
+            let start = Instant::now();
+            let mut last = None;
+            while start.elapsed() < duration {
+                clock
+                    .tick(interrupted, || progress_rate("echo", &shared, &mut last))
+                    .await?;
+            }
+            report.seconds = start.elapsed().as_secs_f64();
+            report.messages = shared.messages.load(Ordering::Relaxed) - m0;
+            report.bytes = shared.bytes.load(Ordering::Relaxed) - b0;
+        }
+        Mode::Rate => {
+            let end = t0 + ((opts.warmup + opts.duration) * 1e9) as u64;
+            let mut last = None;
+            while mono_ns() < end {
+                clock
+                    .tick(interrupted, || progress_rate("rate", &shared, &mut last))
+                    .await?;
+            }
+            // Wait for the last echoes, within reason.
+            let drain_end = Instant::now() + DRAIN_TIMEOUT;
+            while Instant::now() < drain_end
+                && shared.received.load(Ordering::Relaxed) < shared.sent.load(Ordering::Relaxed)
+            {
+                clock
+                    .tick(interrupted, || progress_rate("drain", &shared, &mut None))
+                    .await?;
+            }
+            report.seconds = opts.duration;
+        }
+        Mode::Idle => {
+            let start = Instant::now();
+            while start.elapsed() < duration {
+                clock
+                    .tick(interrupted, || {
+                        format!(
+                            "idle: {} open, {} failed",
+                            shared.open.load(Ordering::Relaxed),
+                            shared.failed.load(Ordering::Relaxed)
+                        )
+                    })
+                    .await?;
+            }
+            report.seconds = start.elapsed().as_secs_f64();
+        }
+    }
+    report.open_at_end = shared.open.load(Ordering::Relaxed);
+
+    // Phase 3: close (the rate loop also charges unanswered messages here).
+    let _ = phase_tx.send(Phase::Stop);
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+
+    report.opened = shared.opened.load(Ordering::Relaxed);
+    report.failed = shared.failed.load(Ordering::Relaxed);
+    if opts.mode == Mode::Rate {
+        // The measured window's messages, answered or not.
+        report.messages = shared.messages.load(Ordering::Relaxed);
+        report.bytes = shared.bytes.load(Ordering::Relaxed);
+        report.sent = shared.sent.load(Ordering::Relaxed);
+        report.timeouts = shared.timeouts.load(Ordering::Relaxed);
+        let h = shared.latency.lock();
+        let us = |ns: u64| ns as f64 / 1000.0;
+        report.latency = Some(Latency {
+            count: h.len(),
+            mean_us: h.mean() / 1000.0,
+            p50_us: us(h.value_at_quantile(0.50)),
+            p90_us: us(h.value_at_quantile(0.90)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+        });
+    }
+    if report.seconds > 0.0 {
+        report.msgs_per_s = report.messages as f64 / report.seconds;
+        report.mb_per_s = report.bytes as f64 / report.seconds / 1e6;
+    }
+    report.errors = shared.errors.lock().clone();
+    Ok(report)
+}
+
+/// Progress text for the loaded modes: the rate over the last second.
+fn progress_rate(label: &str, shared: &Shared, last: &mut Option<(Instant, u64, u64)>) -> String {
+    let now = Instant::now();
+    let m = shared
+        .messages
+        .load(Ordering::Relaxed)
+        .max(shared.received.load(Ordering::Relaxed));
+    let b = shared.bytes.load(Ordering::Relaxed);
+    let text = match *last {
+        Some((t, m0, b0)) => {
+            let dt = now.duration_since(t).as_secs_f64().max(1e-9);
+            format!(
+                "{label}: {:.0} msgs/s, {:.1} MB/s, {} open, {} failed",
+                (m - m0) as f64 / dt,
+                (b - b0) as f64 / dt / 1e6,
+                shared.open.load(Ordering::Relaxed),
+                shared.failed.load(Ordering::Relaxed)
+            )
+        }
+        None => format!(
+            "{label}: {} open, {} failed",
+            shared.open.load(Ordering::Relaxed),
+            shared.failed.load(Ordering::Relaxed)
+        ),
+    };
+    *last = Some((now, m, b));
+    text
+}
+
+/// The controller's 100 ms heartbeat: checks for an interrupt and prints a
+/// progress line on stderr once a second.
+struct Ticker {
+    enabled: bool,
+    start: Instant,
+    next_print: Instant,
+}
+
+impl Ticker {
+    fn new(enabled: bool) -> Ticker {
+        let now = Instant::now();
+        Ticker {
+            enabled,
+            start: now,
+            next_print: now + Duration::from_secs(1),
+        }
+    }
+
+    async fn tick(
+        &mut self,
+        interrupted: &dyn Fn() -> bool,
+        line: impl FnOnce() -> String,
+    ) -> Result<(), BenchError> {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if interrupted() {
+            return Err(BenchError::Interrupted);
+        }
+        let now = Instant::now();
+        if self.enabled && now >= self.next_print {
+            self.next_print += Duration::from_secs(1);
+            eprintln!("[{:5.1}s] {}", (now - self.start).as_secs_f64(), line());
+        }
+        Ok(())
+    }
+}
+
+fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("mode", r.mode)?;
+    d.set_item("url", &r.url)?;
+    d.set_item("connections", r.connections)?;
+    d.set_item("opened", r.opened)?;
+    d.set_item("failed", r.failed)?;
+    d.set_item("open_at_end", r.open_at_end)?;
+    d.set_item("size", r.size)?;
+    d.set_item("seconds", r.seconds)?;
+    d.set_item("messages", r.messages)?;
+    d.set_item("bytes", r.bytes)?;
+    d.set_item("msgs_per_s", r.msgs_per_s)?;
+    d.set_item("mb_per_s", r.mb_per_s)?;
+    if r.mode == "rate" {
+        d.set_item("target_rate", r.target_rate)?;
+        d.set_item("sent", r.sent)?;
+        d.set_item("timeouts", r.timeouts)?;
+    }
+    if let Some(l) = &r.latency {
+        let ld = PyDict::new(py);
+        ld.set_item("count", l.count)?;
+        ld.set_item("mean_us", l.mean_us)?;
+        ld.set_item("p50_us", l.p50_us)?;
+        ld.set_item("p90_us", l.p90_us)?;
+        ld.set_item("p99_us", l.p99_us)?;
+        ld.set_item("p99_9_us", l.p999_us)?;
+        ld.set_item("max_us", l.max_us)?;
+        d.set_item("latency", ld)?;
+    }
+    d.set_item("errors", r.errors.clone())?;
+    Ok(d)
+}
+
+/// Run a load (`mode` = `"echo"`, `"rate"`, `"idle"`) against `url` and
+/// return the report as a dict; or, with `mode="floor-server"`, serve the
+/// minimal native echo server on `url` (`host:port`) until interrupted.
+///
+/// The GIL is released for the whole run; Ctrl-C (any pending signal whose
+/// handler raises) stops it and is re-raised.
+#[pyfunction]
+#[pyo3(signature = (
+    mode, url, *, connections=100, size=64, pipeline=1, duration=5.0, warmup=1.0,
+    rate=10000.0, sources=0, insecure=false, cafile=None, text=false, progress=true,
+    threads=1
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn run_bench<'py>(
+    py: Python<'py>,
+    mode: &str,
+    url: &str,
+    connections: usize,
+    size: usize,
+    pipeline: usize,
+    duration: f64,
+    warmup: f64,
+    rate: f64,
+    sources: usize,
+    insecure: bool,
+    cafile: Option<String>,
+    text: bool,
+    progress: bool,
+    threads: usize,
+) -> PyResult<Option<Bound<'py, PyDict>>> {
+    // The signal check runs on this (the main) thread, GIL taken briefly.
+    let signal_error: Mutex<Option<PyErr>> = Mutex::new(None);
+    let interrupted = || {
+        Python::attach(|py| match py.check_signals() {
+            Ok(()) => false,
+            Err(e) => {
+                *signal_error.lock() = Some(e);
+                true
+            }
+        })
+    };
+    let mode = match mode {
+        "echo" => Mode::Echo,
+        "rate" => Mode::Rate,
+        "idle" => Mode::Idle,
+        "floor-server" => {
+            let result = py.detach(|| floor::serve(url, progress, &interrupted));
+            if let Some(e) = signal_error.lock().take() {
+                return Err(e);
+            }
+            return result
+                .map(|()| None)
+                .map_err(|e| PyOSError::new_err(format!("floor server on {url}: {e}")));
+        }
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown mode {other:?} (echo, rate, idle, floor-server)"
+            )))
+        }
+    };
+    let opts = Options {
+        mode,
+        url: url.to_string(),
+        connections,
+        size,
+        pipeline,
+        duration,
+        warmup,
+        rate,
+        sources,
+        insecure,
+        cafile,
+        text,
+        progress,
+        threads,
+    };
+    let result = py.detach(|| run(opts, &interrupted));
+    if let Some(e) = signal_error.lock().take() {
+        return Err(e);
+    }
+    match result {
+        Ok(report) => report_dict(py, &report).map(Some),
+        Err(BenchError::Invalid(m)) => Err(PyValueError::new_err(m)),
+        Err(BenchError::Io(e)) => Err(PyOSError::new_err((
+            e.raw_os_error().unwrap_or(0),
+            e.to_string(),
+        ))),
+        Err(BenchError::Interrupted) => Err(pyo3::exceptions::PyKeyboardInterrupt::new_err(())),
+    }
+}

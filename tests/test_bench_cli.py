@@ -1,0 +1,206 @@
+"""``python -m lightws bench``: the load generator against real servers in other processes.
+
+Only the shape of the reports is checked (positive counts, every connection open), never
+timings: CI machines are too noisy for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from lightws._bench import parse_size
+
+TIMEOUT = 60
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        assert proc.poll() is None, "server exited before listening"
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def serve(*args: str) -> Iterator[int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "lightws", *args]
+    cmd = [a.replace("{port}", str(port)) for a in cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(proc, port)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def echo_port() -> Iterator[int]:
+    yield from serve("echo", "--addr", "127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def floor_port() -> Iterator[int]:
+    yield from serve("bench", "--floor-server", "127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    d = tmp_path_factory.mktemp("tls")
+    chain, key, ca_file = d / "chain.pem", d / "key.pem", d / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return chain, key, ca_file
+
+
+@pytest.fixture(scope="module")
+def tls_port(tls_files: tuple[Path, Path, Path]) -> Iterator[int]:
+    chain, key, _ = tls_files
+    yield from serve("echo", "--addr", "127.0.0.1:{port}", "--cert", str(chain), "--key", str(key))
+
+
+def bench(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lightws", "bench", url, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+def report(url: str, *args: str) -> dict[str, Any]:
+    out = bench(url, *args)
+    assert out.returncode == 0, out.stderr
+    r: dict[str, Any] = json.loads(out.stdout)
+    assert r["errors"] == [], r["errors"]
+    return r
+
+
+def test_echo_mode_reports_positive_throughput(echo_port: int) -> None:
+    r = report(f"ws://127.0.0.1:{echo_port}/", "-c", "4", "-s", "64", "-d", "1", "--warmup", "0")
+    assert r["mode"] == "echo"
+    assert r["opened"] == 4 and r["failed"] == 0
+    assert r["messages"] > 0 and r["msgs_per_s"] > 0
+    # Payload bytes of the echoes: 64 per message, give or take one message in flight
+    # per connection at the window's edges.
+    assert abs(r["bytes"] - 64 * r["messages"]) <= 64 * 4
+
+
+def test_progress_goes_to_stderr_and_the_report_to_stdout(echo_port: int) -> None:
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "lightws", "bench", f"ws://127.0.0.1:{echo_port}/"),
+            *("-c", "2", "-d", "1.5", "--warmup", "0", "-p", "4", "--text", "-s", "1KiB"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "msgs/s" in out.stdout and "1024 B messages" in out.stdout
+    assert "echo:" in out.stderr  # at least one progress line
+
+
+def test_large_messages_are_echoed_whole(echo_port: int) -> None:
+    r = report(f"ws://127.0.0.1:{echo_port}/", "-c", "2", "-s", "1MiB", "-d", "1", "--warmup", "0")
+    assert r["messages"] > 0 and r["mb_per_s"] > 0
+
+
+def test_rate_mode_reports_latency_percentiles(echo_port: int) -> None:
+    r = report(
+        f"ws://127.0.0.1:{echo_port}/",
+        *("--mode", "rate", "-c", "5", "-r", "500", "-d", "1", "--warmup", "0.2"),
+    )
+    lat = r["latency"]
+    assert r["sent"] > 0 and lat["count"] > 0
+    assert 0 < lat["p50_us"] <= lat["p90_us"] <= lat["p99_us"] <= lat["p99_9_us"] <= lat["max_us"]
+
+
+def test_idle_mode_holds_connections_from_several_source_addresses(echo_port: int) -> None:
+    r = report(
+        f"ws://127.0.0.1:{echo_port}/", "--mode", "idle", "-c", "60", "--sources", "3", "-d", "0.5"
+    )
+    assert r["opened"] == 60 and r["open_at_end"] == 60
+
+
+def test_wss_with_a_ca_file_and_with_verification_off(
+    tls_port: int, tls_files: tuple[Path, Path, Path]
+) -> None:
+    url = f"wss://127.0.0.1:{tls_port}/"
+    r = report(url, "--cafile", str(tls_files[2]), "-c", "2", "-d", "0.5", "--warmup", "0")
+    assert r["messages"] > 0
+    r = report(url, "--insecure", "-c", "2", "-d", "0.5", "--warmup", "0")
+    assert r["messages"] > 0
+
+
+def test_wss_rejects_an_untrusted_certificate(tls_port: int, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    out = bench(f"wss://127.0.0.1:{tls_port}/", "--cafile", str(other), "-c", "1", "-d", "0.2")
+    assert out.returncode == 1
+    assert "certificate" in out.stderr.lower()
+
+
+def test_floor_server_echoes(floor_port: int) -> None:
+    url = f"ws://127.0.0.1:{floor_port}/"
+    r = report(url, "-c", "3", "-s", "64KiB", "-d", "0.5", "--warmup", "0", "--text")
+    assert r["messages"] > 0
+    r = report(url, "--mode", "idle", "-c", "20", "-d", "0.2")
+    assert r["open_at_end"] == 20
+
+
+def test_unreachable_server_is_an_error() -> None:
+    out = bench(f"ws://127.0.0.1:{free_port()}/", "-c", "2", "-d", "0.2")
+    assert out.returncode == 1
+    assert "no connection could be opened" in out.stderr
+
+
+def test_bad_url_is_an_error() -> None:
+    out = bench("http://127.0.0.1:1/", "-d", "0.2")
+    assert out.returncode == 1
+    assert "ws://" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("64", 64), ("1k", 1024), ("1KiB", 1024), ("2kb", 2000), ("1MiB", 1 << 20), ("3m", 3 << 20)],
+)
+def test_sizes_parse(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "1.5k", "-3", "10q"])
+def test_bad_sizes_are_rejected(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size(text)
