@@ -871,6 +871,21 @@ async def test_9_many_large_messages_back_to_back_are_echoed_in_order(
         await close_normally(ws)
 
 
+@pytest.mark.parametrize("size", [0, 16, 64, 256, 1024, 4096])
+@pytest.mark.parametrize("opcode", [TEXT, BINARY], ids=["text", "binary"])
+@bounded()
+async def test_9_thousand_small_messages_in_one_write_are_echoed_in_order(
+    server: lightws.Server, opcode: int, size: int
+) -> None:
+    # Autobahn 9.7 / 9.8: many messages back to back, each numbered.
+    payloads = [payload_of(opcode, max(size - 4, 0)) + (b"%04d" % i)[:size] for i in range(1000)]
+    async with await connect(server) as ws:
+        await ws.write(b"".join(build_frame(opcode, p) for p in payloads))
+        for p in payloads:
+            await expect_echo(ws, opcode, p)
+        await close_normally(ws)
+
+
 # --- 10: auto-fragmentation (RFC 6455 5.4) ------------------------------------------
 
 
