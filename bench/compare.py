@@ -146,7 +146,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
@@ -273,7 +273,7 @@ def run_idle(server: str, s: Settings, res: Result) -> None:
             high = proc.anonymous_kib()
         finally:
             for h in holders:
-                h.send_signal(signal.SIGINT)
+                h.send_signal(signal.SIGTERM)
             for h in holders:
                 try:
                     h.wait(10)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -23,10 +24,14 @@ MAX_SIZE = 16 << 20
 
 async def websockets_server(host: str, port: int) -> Callable[[], Awaitable[None]]:
     from websockets.asyncio.server import ServerConnection, serve
+    from websockets.exceptions import ConnectionClosed
 
     async def handler(ws: ServerConnection) -> None:
-        async for msg in ws:
-            await ws.send(msg)
+        # The load generator closes while echoes are in flight; the send that
+        # follows its close frame raises, which is not a server fault.
+        with contextlib.suppress(ConnectionClosed):
+            async for msg in ws:
+                await ws.send(msg)
 
     server = await serve(handler, host, port, compression=None, max_size=MAX_SIZE)
 

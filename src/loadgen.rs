@@ -698,10 +698,10 @@ pub fn run_bench<'py>(
     match result {
         Ok(report) => report_dict(py, &report).map(Some),
         Err(BenchError::Invalid(m)) => Err(PyValueError::new_err(m)),
-        Err(BenchError::Io(e)) => Err(PyOSError::new_err((
-            e.raw_os_error().unwrap_or(0),
-            e.to_string(),
-        ))),
+        Err(BenchError::Io(e)) => Err(match e.raw_os_error() {
+            Some(errno) => PyOSError::new_err((errno, e.to_string())),
+            None => PyOSError::new_err(e.to_string()),
+        }),
         Err(BenchError::Interrupted) => Err(pyo3::exceptions::PyKeyboardInterrupt::new_err(())),
     }
 }
