@@ -611,6 +611,20 @@ fn end_error(py: Python<'_>, info: &CloseInfo, anext: bool) -> PyErr {
     }
 }
 
+/// Request headers as one `"Name: value\r\n..."` string: the Python `Request` parses
+/// it only if the headers are used, and keeps one string per idle connection instead of
+/// a tuple and two strings per header.
+fn raw_headers(headers: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum());
+    for (n, v) in headers {
+        out.push_str(n);
+        out.push_str(": ");
+        out.push_str(v);
+        out.push_str("\r\n");
+    }
+    out
+}
+
 fn check_headers(headers: &[(String, String)]) -> PyResult<()> {
     for (n, v) in headers {
         handshake::check_header(n, v)
@@ -1152,7 +1166,7 @@ impl Core {
                 obj.clone_ref(py),
                 request.method,
                 request.target,
-                request.headers,
+                raw_headers(&request.headers),
                 remote,
                 upgrade,
                 subprotocols,

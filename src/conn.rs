@@ -8,7 +8,7 @@
 //! need and are released whenever the connection goes idle.
 
 use std::collections::VecDeque;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -173,6 +173,13 @@ pub struct ClosedGuard {
     pub info: Option<CloseInfo>,
 }
 
+impl ClosedGuard {
+    /// Report the connection closed with `info` (on drop, right here).
+    pub fn finish(mut self, info: CloseInfo) {
+        self.info = Some(info);
+    }
+}
+
 impl Drop for ClosedGuard {
     fn drop(&mut self) {
         let info = self.info.take().unwrap_or(CloseInfo {
@@ -259,6 +266,7 @@ pub struct Driver<S> {
     /// io_statistics gauges this connection currently contributes to.
     io_reading: bool,
     io_writing: bool,
+    started: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,20 +310,13 @@ impl<S: Transport> Driver<S> {
             streaming: false,
             io_reading: false,
             io_writing: false,
+            started: false,
             shared,
         };
         if cfg.ping_interval.is_some() || cfg.idle_timeout.is_some() {
             d.arm_keepalive();
         }
         d
-    }
-
-    /// Run until the connection is closed; returns how it closed.
-    pub async fn run(mut self) -> Outcome {
-        if !self.rbuf.is_empty() {
-            self.process_input();
-        }
-        poll_fn(|cx| self.poll_run(cx)).await
     }
 
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
@@ -867,6 +868,26 @@ impl<S: Transport> Driver<S> {
             code: ABNORMAL_CLOSURE,
             reason: String::new(),
         }
+    }
+}
+
+/// Awaiting the driver runs the connection until it is closed and yields how it
+/// closed. (A hand-written future rather than an `async fn`, so the task stores the
+/// driver once instead of once per wrapping state machine.)
+impl<S: Transport> Future for Driver<S> {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = self.get_mut();
+        if this.started {
+            return this.poll_run(cx);
+        }
+        this.started = true;
+        if !this.rbuf.is_empty() {
+            // Bytes that came with the upgrade request.
+            this.process_input();
+        }
+        this.poll_run(cx)
     }
 }
 

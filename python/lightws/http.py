@@ -132,17 +132,21 @@ class Request:
         remote_address: the peer's ``(host, port)``.
         subprotocols: subprotocols offered in ``Sec-WebSocket-Protocol``, in order.
         upgrade: False for a plain HTTP request shown because of ``http_fallback``.
+
+    ``headers``, ``query``, ``query_all`` and ``cookies`` are parsed on first use. A
+    request stays reachable as ``conn.request`` for the connection's life, so after the
+    handshake lightws keeps only the raw head and drops those parsed forms (they are
+    parsed again if used): an idle connection carries no header objects.
     """
 
     __slots__ = (
-        "cookies",
-        "headers",
+        "_cookies",
+        "_headers",
+        "_query_all",
+        "_raw_headers",
+        "_subprotocols",
         "method",
-        "path",
-        "query",
-        "query_all",
         "remote_address",
-        "subprotocols",
         "target",
         "upgrade",
     )
@@ -151,25 +155,82 @@ class Request:
         self,
         method: str,
         target: str,
-        headers: HeadersLike,
+        headers: HeadersLike | str,
         remote_address: tuple[str, int],
-        subprotocols: list[str] | None = None,
+        subprotocols: list[str] | tuple[str, ...] | None = None,
         upgrade: bool = True,
     ) -> None:
         self.method = method
         self.target = target
-        path, _, query = target.partition("?")
-        self.path = path
-        self.query_all: dict[str, list[str]] = parse_qs(query, keep_blank_values=True)
-        self.query: dict[str, str] = {k: v[0] for k, v in self.query_all.items()}
-        self.headers = headers if isinstance(headers, Headers) else Headers(headers)
-        self.cookies = _parse_cookies(self.headers)
         self.remote_address = remote_address
-        self.subprotocols = list(subprotocols or [])
         self.upgrade = upgrade
+        self._subprotocols = tuple(subprotocols or ())
+        self._raw_headers: str | None = None
+        self._headers: Headers | None = None
+        self._query_all: dict[str, list[str]] | None = None
+        self._cookies: dict[str, str] | None = None
+        if isinstance(headers, str):
+            self._raw_headers = headers
+        elif isinstance(headers, Headers):
+            self._headers = headers
+        else:
+            self._headers = Headers(headers)
+
+    @property
+    def path(self) -> str:
+        """The target up to ``?``."""
+        return self.target.partition("?")[0]
+
+    @property
+    def headers(self) -> Headers:
+        """Request headers (case-insensitive; ``get``/``get_all``)."""
+        if self._headers is None:
+            self._headers = _parse_raw_headers(self._raw_headers or "")
+        return self._headers
+
+    @property
+    def query_all(self) -> dict[str, list[str]]:
+        """Every value of each query parameter."""
+        if self._query_all is None:
+            self._query_all = parse_qs(self.target.partition("?")[2], keep_blank_values=True)
+        return self._query_all
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The first value of each query parameter."""
+        return {k: v[0] for k, v in self.query_all.items()}
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        """Cookies from the ``Cookie`` header(s)."""
+        if self._cookies is None:
+            self._cookies = _parse_cookies(self.headers)
+        return self._cookies
+
+    @property
+    def subprotocols(self) -> list[str]:
+        """Subprotocols the client offered, in order."""
+        return list(self._subprotocols)
+
+    def _compact(self) -> None:
+        """Drop parsed forms that can be rebuilt from the raw head."""
+        if self._raw_headers is not None:
+            self._headers = None
+            self._cookies = None
+        self._query_all = None
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target} from {self.remote_address}>"
+
+
+def _parse_raw_headers(raw: str) -> Headers:
+    headers = Headers()
+    items = headers._items
+    for line in raw.split("\r\n"):
+        name, sep, value = line.partition(": ")
+        if sep:
+            items.append((name, value))
+    return headers
 
 
 class Response:

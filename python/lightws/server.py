@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -319,7 +320,7 @@ class Server:
         conn: Connection,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: str,
         remote: tuple[str, int],
         upgrade: bool,
         subprotocols: list[str],
@@ -382,33 +383,55 @@ class Server:
             logger.exception("invalid handshake response")
             _reject(conn, 500, [], b"Internal Server Error")
             return
-        self._spawn(self._run(result, conn))
+        request._compact()
+        self._start_handler(result, conn)
 
-    async def _run(self, handler: Handler, conn: Connection) -> None:
-        code = 1000
+    def _start_handler(self, handler: Handler, conn: Connection) -> None:
+        # NOTE: the handler coroutine runs as the task itself, with a done callback for
+        # the close, instead of under a wrapper coroutine: one coroutine frame less per
+        # connection (about 0.5 KiB of an idle connection's memory).
+        assert self._loop is not None
         try:
-            await handler(conn)
-        except ConnectionClosed:
-            pass
-        except asyncio.CancelledError:
-            conn.abort()
-            raise
+            task: asyncio.Task[None] = self._loop.create_task(handler(conn))  # type: ignore[arg-type]
         except Exception:
             logger.exception(
-                "[%s:%s #%d] handler raised; closing with 1011", *conn.remote_address, conn.id
+                "[%s:%s #%d] handler could not start; closing with 1011",
+                *conn.remote_address,
+                conn.id,
             )
-            code = 1011
-        if not conn.closed:
-            try:
-                await conn.close(code)
-            except ConnectionClosed:
-                pass
+            conn.close(1011)
+            return
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(_handler_done, self._tasks, conn))
 
     def _spawn(self, coro: Any) -> None:
         assert self._loop is not None
         task: asyncio.Task[None] = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _handler_done(
+    tasks: set[asyncio.Task[None]], conn: Connection, task: asyncio.Task[None]
+) -> None:
+    """The handler returned (close 1000), raised (log, close 1011) or was cancelled."""
+    tasks.discard(task)
+    if task.cancelled():
+        conn.abort()
+        return
+    exc = task.exception()
+    code = 1000
+    if exc is not None and not isinstance(exc, ConnectionClosed):
+        logger.error(
+            "[%s:%s #%d] handler raised; closing with 1011",
+            *conn.remote_address,
+            conn.id,
+            exc_info=exc,
+        )
+        code = 1011
+    if not conn.closed:
+        # The close proceeds in Rust; its awaitable is not needed here.
+        conn.close(code)
 
 
 def _reject(conn: Connection, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
