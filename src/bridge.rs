@@ -358,12 +358,36 @@ enum Want {
     Chunk,
 }
 
-/// A data frame `send()` put aside while `conn.writer()` streams a fragmented message
-/// (RFC 6455 5.4: no other data frame may come between its fragments).
+/// A message body kept by reference (no copy) until it is queued: `bytes` and `str` are
+/// immutable; other bytes-like objects are copied into `bytes` first.
+enum Payload {
+    Bytes(Py<PyBytes>),
+    Str(Py<PyString>),
+}
+
+impl Payload {
+    fn as_bytes<'a>(&'a self, py: Python<'a>) -> PyResult<&'a [u8]> {
+        match self {
+            Payload::Bytes(b) => Ok(b.as_bytes(py)),
+            Payload::Str(s) => Ok(s.to_str(py)?.as_bytes()),
+        }
+    }
+}
+
+/// A message `send()` put aside while another message is going out in fragments
+/// (RFC 6455 5.4: no other data frame may come between the fragments of a message).
 struct Deferred {
     fut: Py<PyAny>,
     op: OpCode,
-    data: Vec<u8>,
+    payload: Payload,
+}
+
+/// A message larger than `write_limit` going out one fragment per drain, so that a slow
+/// or stalled peer holds at most about two fragments of it in user space.
+struct LargeSend {
+    fut: Py<PyAny>,
+    payload: Payload,
+    offset: usize,
 }
 
 #[derive(Default)]
@@ -371,7 +395,10 @@ struct PyState {
     /// The pending receive future and what it waits for.
     recv: Option<(Py<PyAny>, Want)>,
     writer_active: bool,
-    deferred: Vec<Deferred>,
+    large: Option<LargeSend>,
+    deferred: std::collections::VecDeque<Deferred>,
+    /// `conn.writer()`s waiting for the connection to be free of other fragmented sends.
+    writer_waiters: std::collections::VecDeque<Py<PyAny>>,
     drains: Vec<Py<PyAny>>,
     closers: Vec<Py<PyAny>>,
     reply: Option<oneshot::Sender<Reply>>,
@@ -498,6 +525,7 @@ impl Connection {
     }
 
     fn on_drained(&self, py: Python<'_>) -> PyResult<()> {
+        self.continue_large(py)?;
         let drains = std::mem::take(&mut self.st.lock().drains);
         for f in drains {
             if !f.call_method0(py, "done")?.is_truthy(py)? {
@@ -514,6 +542,8 @@ impl Connection {
             st.reply = None;
             let mut drains = std::mem::take(&mut st.drains);
             drains.extend(st.deferred.drain(..).map(|d| d.fut));
+            drains.extend(st.large.take().map(|l| l.fut));
+            drains.extend(st.writer_waiters.drain(..));
             (std::mem::take(&mut st.closers), drains)
         };
         self.on_readable(py)?;
@@ -531,30 +561,51 @@ impl Connection {
         Ok(())
     }
 
-    /// Queue one message; returns the awaitable for `send()`.
-    fn enqueue(&self, py: Python<'_>, op: OpCode, data: &[u8]) -> PyResult<Py<PyAny>> {
-        if op.is_control() && data.len() > frame::MAX_CONTROL_PAYLOAD {
-            return Err(PyValueError::new_err(format!(
-                "control frame payload is {} bytes; RFC 6455 allows at most 125",
-                data.len()
-            )));
-        }
-        if !op.is_control() {
-            let mut st = self.st.lock();
-            if st.writer_active {
-                let fut = self.create_future(py)?;
-                st.deferred.push(Deferred {
-                    fut: fut.clone_ref(py),
-                    op,
-                    data: data.to_vec(),
-                });
-                return Ok(fut);
-            }
-        }
-        self.enqueue_frame(py, op, data, true)
+    /// Fragment size for messages over `write_limit`.
+    fn fragment_size(&self) -> usize {
+        self.shared.cfg.write_limit.max(16 * 1024)
     }
 
-    /// Queue one frame (no writer deferral); returns the awaitable for `send()`.
+    /// Send one message; returns the awaitable for `send()`.
+    fn send_payload(&self, py: Python<'_>, op: OpCode, payload: Payload) -> PyResult<Py<PyAny>> {
+        let data = payload.as_bytes(py)?;
+        if op.is_control() {
+            if data.len() > frame::MAX_CONTROL_PAYLOAD {
+                return Err(PyValueError::new_err(format!(
+                    "control frame payload is {} bytes; RFC 6455 allows at most 125",
+                    data.len()
+                )));
+            }
+            // Control frames may go between the fragments of a message (RFC 6455 5.4).
+            return self.enqueue_frame(py, op, data, true);
+        }
+        let mut st = self.st.lock();
+        if st.writer_active || st.large.is_some() {
+            let fut = self.create_future(py)?;
+            st.deferred.push_back(Deferred {
+                fut: fut.clone_ref(py),
+                op,
+                payload,
+            });
+            return Ok(fut);
+        }
+        let chunk = self.fragment_size();
+        if data.len() <= chunk {
+            drop(st);
+            return self.enqueue_frame(py, op, data, true);
+        }
+        // First fragment now, the rest as the connection takes them (on_drained).
+        self.queue_frame(py, op, &data[..chunk], false, true)?;
+        let fut = self.create_future(py)?;
+        st.large = Some(LargeSend {
+            fut: fut.clone_ref(py),
+            payload,
+            offset: chunk,
+        });
+        Ok(fut)
+    }
+
+    /// Queue one frame (no deferral); returns the awaitable for `send()`.
     fn enqueue_frame(
         &self,
         py: Python<'_>,
@@ -562,6 +613,26 @@ impl Connection {
         data: &[u8],
         fin: bool,
     ) -> PyResult<Py<PyAny>> {
+        if self.queue_frame(py, op, data, fin, false)? {
+            let fut = self.create_future(py)?;
+            self.st.lock().drains.push(fut.clone_ref(py));
+            Ok(fut)
+        } else {
+            done(py)
+        }
+    }
+
+    /// Encode one frame into the outbox and wake the connection task. Returns true if
+    /// the outbox is over `write_limit` (a Drained event will follow); `want_drain`
+    /// asks for that event regardless.
+    fn queue_frame(
+        &self,
+        py: Python<'_>,
+        op: OpCode,
+        data: &[u8],
+        fin: bool,
+        want_drain: bool,
+    ) -> PyResult<bool> {
         let cfg = &self.shared.cfg;
         let mut ob = self.shared.outbox.lock();
         if ob.closed || ob.closing {
@@ -572,7 +643,7 @@ impl Connection {
         frame::encode_header(&mut ob.buf, fin, op, data.len() as u64, None);
         ob.buf.extend_from_slice(data);
         let over = ob.buf.len() > cfg.write_limit;
-        if over {
+        if over || want_drain {
             ob.drain_waiting = true;
         }
         drop(ob);
@@ -584,13 +655,89 @@ impl Connection {
             self.shared
                 .log(LOG_DEBUG, || describe_frame("send", op, data));
         }
-        if over {
-            let fut = self.create_future(py)?;
-            self.st.lock().drains.push(fut.clone_ref(py));
-            Ok(fut)
-        } else {
-            done(py)
+        Ok(over)
+    }
+
+    /// The task took the outbox: queue the next fragment of a large send, if any.
+    fn continue_large(&self, py: Python<'_>) -> PyResult<()> {
+        let mut st = self.st.lock();
+        let Some(large) = st.large.as_mut() else {
+            return Ok(());
+        };
+        let data = large.payload.as_bytes(py)?;
+        let end = (large.offset + self.fragment_size()).min(data.len());
+        let fin = end == data.len();
+        let r = self.queue_frame(
+            py,
+            OpCode::Continuation,
+            &data[large.offset..end],
+            fin,
+            !fin,
+        );
+        large.offset = end;
+        if r.is_ok() && !fin {
+            return Ok(());
         }
+        let large = st.large.take().expect("checked above");
+        drop(st);
+        match r {
+            Ok(_) => large.fut.call_method1(py, "set_result", (py.None(),))?,
+            Err(e) => large
+                .fut
+                .call_method1(py, "set_exception", (e.into_value(py),))?,
+        };
+        self.release(py)
+    }
+
+    /// A fragmented send finished: send what was put aside, in order, then let the next
+    /// waiting writer in.
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        loop {
+            let next = {
+                let mut st = self.st.lock();
+                if st.large.is_some() || st.writer_active {
+                    return Ok(());
+                }
+                match st.deferred.pop_front() {
+                    Some(d) => Ok(d),
+                    None => Err(st.writer_waiters.pop_front()),
+                }
+            };
+            match next {
+                Ok(d) => {
+                    if d.fut.call_method0(py, "done")?.is_truthy(py)? {
+                        continue; // the sender was cancelled: it did not send
+                    }
+                    match self.send_payload(py, d.op, d.payload) {
+                        // Resolve this sender once its own message is queued.
+                        Ok(aw) => self.chain(py, aw, d.fut)?,
+                        Err(e) => {
+                            d.fut
+                                .call_method1(py, "set_exception", (e.into_value(py),))?;
+                        }
+                    }
+                }
+                Err(Some(w)) => {
+                    if w.call_method0(py, "done")?.is_truthy(py)? {
+                        continue;
+                    }
+                    self.st.lock().writer_active = true;
+                    w.call_method1(py, "set_result", (py.None(),))?;
+                    return Ok(());
+                }
+                Err(None) => return Ok(()),
+            }
+        }
+    }
+
+    /// Complete `fut` when awaitable `aw` (a Ready or an asyncio future) completes.
+    fn chain(&self, py: Python<'_>, aw: Py<PyAny>, fut: Py<PyAny>) -> PyResult<()> {
+        if aw.bind(py).cast::<Ready>().is_ok() {
+            return fut.call_method1(py, "set_result", (py.None(),)).map(|_| ());
+        }
+        let chain = py.import("lightws.streaming")?.getattr("_chain")?;
+        chain.call1((aw, fut))?;
+        Ok(())
     }
 
     fn reply(&self, r: Reply) -> PyResult<()> {
@@ -694,15 +841,21 @@ impl Connection {
         self.receive(py, Want::Chunk)
     }
 
-    fn _writer_begin(&self) -> PyResult<()> {
+    /// Completes when the writer may start: at once, or after the fragmented send or
+    /// writer in progress on this connection.
+    fn _writer_begin(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let mut st = self.st.lock();
-        if st.writer_active {
-            return Err(PyRuntimeError::new_err(
-                "another conn.writer() is already sending a message on this connection",
-            ));
+        if st.finished {
+            drop(st);
+            return Err(self.closed_error_now(py));
+        }
+        if st.writer_active || st.large.is_some() || !st.deferred.is_empty() {
+            let fut = self.create_future(py)?;
+            st.writer_waiters.push_back(fut.clone_ref(py));
+            return Ok(fut);
         }
         st.writer_active = true;
-        Ok(())
+        done(py)
     }
 
     fn _send_frame(
@@ -719,23 +872,8 @@ impl Connection {
 
     /// The writer finished: send what `send()` put aside meanwhile, in order.
     fn _writer_end(&self, py: Python<'_>) -> PyResult<()> {
-        let deferred = {
-            let mut st = self.st.lock();
-            st.writer_active = false;
-            std::mem::take(&mut st.deferred)
-        };
-        for d in deferred {
-            if d.fut.call_method0(py, "done")?.is_truthy(py)? {
-                continue; // the sender was cancelled: it did not send
-            }
-            match self.enqueue_frame(py, d.op, &d.data, true) {
-                Ok(_) => d.fut.call_method1(py, "set_result", (py.None(),))?,
-                Err(e) => d
-                    .fut
-                    .call_method1(py, "set_exception", (e.into_value(py),))?,
-            };
-        }
-        Ok(())
+        self.st.lock().writer_active = false;
+        self.release(py)
     }
 
     /// Send a message: `str` as TEXT, bytes-like as BINARY, a `Message` as given.
@@ -744,10 +882,10 @@ impl Connection {
     /// until the connection has written them. Raises `ConnectionClosed` after a close.
     fn send(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         if let Ok(b) = message.cast::<PyBytes>() {
-            return self.enqueue(py, OpCode::Binary, b.as_bytes());
+            return self.send_payload(py, OpCode::Binary, Payload::Bytes(b.clone().unbind()));
         }
         if let Ok(s) = message.cast::<PyString>() {
-            return self.enqueue(py, OpCode::Text, s.to_str()?.as_bytes());
+            return self.send_payload(py, OpCode::Text, Payload::Str(s.clone().unbind()));
         }
         if let Ok(m) = message.cast::<Message>() {
             let m = m.get();
@@ -763,11 +901,11 @@ impl Connection {
                         "CONTINUATION frames are sent by conn.writer(), not send()",
                     ))
                 }
-                _ => return self.enqueue(py, op, m.body.bind(py).as_bytes()),
+                _ => return self.send_payload(py, op, Payload::Bytes(m.body.clone_ref(py))),
             }
         }
         match to_bytes(message)? {
-            Some(b) => self.enqueue(py, OpCode::Binary, b.as_bytes()),
+            Some(b) => self.send_payload(py, OpCode::Binary, Payload::Bytes(b.unbind())),
             None => Err(PyTypeError::new_err(format!(
                 "send() takes str, a bytes-like object or lightws.Message, not {}",
                 type_name(message)
@@ -777,23 +915,23 @@ impl Connection {
 
     /// Send a TEXT message.
     fn send_text(&self, py: Python<'_>, text: &Bound<'_, PyString>) -> PyResult<Py<PyAny>> {
-        self.enqueue(py, OpCode::Text, text.to_str()?.as_bytes())
+        self.send_payload(py, OpCode::Text, Payload::Str(text.clone().unbind()))
     }
 
     /// Send a BINARY message.
     fn send_binary(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let b = self.bytes_arg(data, "send_binary")?;
-        self.enqueue(py, OpCode::Binary, b.as_bytes())
+        self.send_payload(py, OpCode::Binary, Payload::Bytes(b.unbind()))
     }
 
     /// Send a PING (payload at most 125 bytes).
     #[pyo3(signature = (data = None))]
     fn send_ping(&self, py: Python<'_>, data: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
         match data {
-            None => self.enqueue(py, OpCode::Ping, b""),
+            None => self.enqueue_frame(py, OpCode::Ping, b"", true),
             Some(d) => {
                 let b = self.bytes_arg(d, "send_ping")?;
-                self.enqueue(py, OpCode::Ping, b.as_bytes())
+                self.send_payload(py, OpCode::Ping, Payload::Bytes(b.unbind()))
             }
         }
     }
@@ -802,10 +940,10 @@ impl Connection {
     #[pyo3(signature = (data = None))]
     fn send_pong(&self, py: Python<'_>, data: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
         match data {
-            None => self.enqueue(py, OpCode::Pong, b""),
+            None => self.enqueue_frame(py, OpCode::Pong, b"", true),
             Some(d) => {
                 let b = self.bytes_arg(d, "send_pong")?;
-                self.enqueue(py, OpCode::Pong, b.as_bytes())
+                self.send_payload(py, OpCode::Pong, Payload::Bytes(b.unbind()))
             }
         }
     }

@@ -188,3 +188,47 @@ async def test_writer_rejects_wrong_chunk_types_and_nested_writers() -> None:
             assert await asyncio.wait_for(ws.recv(), 5) == "ok"
             assert await asyncio.wait_for(ws.recv(), 5) == b""
         await asyncio.wait_for(outcome, 5)
+
+
+async def test_large_messages_go_out_in_fragments_bounded_by_write_limit() -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+
+    async def body(conn: lightws.Connection) -> Any:
+        await conn.send(payload)
+        await conn.send("after")
+        return None
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake, write_limit=64 * 1024) as server:
+        async with await RawWebSocket.connect(server.port) as ws:
+            frames = []
+            while True:
+                frame = await ws.recv_frame(timeout=10)
+                frames.append(frame)
+                if frame.fin:
+                    break
+            assert frames[0].opcode == OP_BINARY
+            assert all(f.opcode == OP_CONT for f in frames[1:])
+            assert max(len(f.payload) for f in frames) <= 64 * 1024
+            assert b"".join(f.payload for f in frames) == payload
+            assert await ws.recv_message() == (OP_TEXT, b"after")
+        await asyncio.wait_for(outcome, 10)
+
+
+async def test_sends_from_other_tasks_wait_for_a_fragmented_message() -> None:
+    big = "é" * (300 * 1024)
+
+    async def body(conn: lightws.Connection) -> Any:
+        first = asyncio.ensure_future(conn.send(big))
+        others = [asyncio.ensure_future(conn.send(f"small {i}")) for i in range(5)]
+        ping = asyncio.ensure_future(conn.send_ping(b"p"))
+        await asyncio.wait_for(asyncio.gather(first, ping, *others), 10)
+        return None
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake, write_limit=16 * 1024) as server:
+        async with connect(url(server), max_size=None) as ws:
+            assert await asyncio.wait_for(ws.recv(), 10) == big
+            for i in range(5):
+                assert await asyncio.wait_for(ws.recv(), 5) == f"small {i}"
+        await asyncio.wait_for(outcome, 10)

@@ -399,7 +399,7 @@ class Server:
                 *conn.remote_address,
                 conn.id,
             )
-            conn.close(1011)
+            _ = conn.close(1011)
             return
         self._tasks.add(task)
         task.add_done_callback(functools.partial(_handler_done, self._tasks, conn))
@@ -431,7 +431,7 @@ def _handler_done(
         code = 1011
     if not conn.closed:
         # The close proceeds in Rust; its awaitable is not needed here.
-        conn.close(code)
+        _ = conn.close(code)
 
 
 def _reject(conn: Connection, status: int, headers: list[tuple[str, str]], body: bytes) -> None:

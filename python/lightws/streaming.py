@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._types import Opcode
 
@@ -11,6 +13,26 @@ if TYPE_CHECKING:
     from ._lightws import Connection
 
 __all__ = ["MessageReader", "MessageWriter"]
+
+
+#: Connection id -> the task holding its open writer (to refuse a nested writer).
+_writers: dict[int, asyncio.Task[Any]] = {}
+
+
+def _chain(source: Awaitable[Any], target: asyncio.Future[Any]) -> None:
+    """Complete ``target`` like ``source`` (used by the native send queue)."""
+
+    def done(f: asyncio.Future[Any]) -> None:
+        if target.done():
+            return
+        if f.cancelled():
+            target.cancel()
+        elif f.exception() is not None:
+            target.set_exception(f.exception())  # type: ignore[arg-type]
+        else:
+            target.set_result(None)
+
+    asyncio.ensure_future(source).add_done_callback(done)
 
 
 class MessageReader:
@@ -60,7 +82,16 @@ class MessageWriter:
         self._open = False
 
     async def __aenter__(self) -> MessageWriter:
-        self._conn._writer_begin()
+        task = asyncio.current_task()
+        if _writers.get(self._conn.id) is task:
+            raise RuntimeError(
+                "this task already has a writer open on this connection; finish it first "
+                "(a nested writer would wait for itself)"
+            )
+        # Waits while another fragmented message is going out on this connection.
+        await self._conn._writer_begin()
+        if task is not None:
+            _writers[self._conn.id] = task
         self._open = True
         return self
 
@@ -100,4 +131,5 @@ class MessageWriter:
                 # continuation.
                 await self._conn._send_frame(self._opcode(), b"", True)
         finally:
+            _writers.pop(self._conn.id, None)
             self._conn._writer_end()
