@@ -43,6 +43,8 @@ struct PyApi {
     closed_error: Py<PyAny>,
     reader: Py<PyAny>,
     writer: Py<PyAny>,
+    closed_base: Py<PyAny>,
+    handler_failed: Py<PyAny>,
 }
 
 static API: PyOnceLock<PyApi> = PyOnceLock::new();
@@ -66,6 +68,11 @@ fn api(py: Python<'_>) -> PyResult<&PyApi> {
             closed_error: exc.getattr("ConnectionClosedError")?.unbind(),
             reader: streaming.getattr("MessageReader")?.unbind(),
             writer: streaming.getattr("MessageWriter")?.unbind(),
+            closed_base: exc.getattr("ConnectionClosed")?.unbind(),
+            handler_failed: py
+                .import("lightws.server")?
+                .getattr("_handler_failed")?
+                .unbind(),
         })
     })
 }
@@ -395,6 +402,8 @@ struct PyState {
     /// The pending receive future and what it waits for.
     recv: Option<(Py<PyAny>, Want)>,
     writer_active: bool,
+    /// The asyncio task running the handler (lightws.server starts it).
+    handler: Option<Py<PyAny>>,
     large: Option<LargeSend>,
     deferred: std::collections::VecDeque<Deferred>,
     /// `conn.writer()`s waiting for the connection to be free of other fragmented sends.
@@ -1092,6 +1101,44 @@ impl Connection {
 
     // -- used by lightws.server during the handshake ------------------------------------
 
+    /// Watch the handler's task: when it ends, close with 1000 (returned or
+    /// ConnectionClosed), 1011 (raised; logged) or abort (cancelled).
+    ///
+    /// NOTE: a done callback on the task, bound to this object, instead of a wrapper
+    /// coroutine or a partial plus a task set: each of those costs an idle connection
+    /// a few hundred bytes.
+    fn _watch(slf: &Bound<'_, Self>, task: &Bound<'_, PyAny>) -> PyResult<()> {
+        slf.get().st.lock().handler = Some(task.clone().unbind());
+        task.call_method1("add_done_callback", (slf.getattr("_handler_done")?,))?;
+        Ok(())
+    }
+
+    fn _handler_done(slf: &Bound<'_, Self>, task: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        this.st.lock().handler = None;
+        if task.call_method0("cancelled")?.is_truthy()? {
+            this.abort();
+            return Ok(());
+        }
+        let exc = task.call_method0("exception")?;
+        let mut code = 1000;
+        if !exc.is_none() && !exc.is_instance(api(py)?.closed_base.bind(py))? {
+            api(py)?.handler_failed.call1(py, (slf, exc))?;
+            code = 1011;
+        }
+        if !this.closed() {
+            this.close(py, code, "")?;
+        }
+        Ok(())
+    }
+
+    /// The handler's task while it runs.
+    #[getter]
+    fn _handler_task(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.st.lock().handler.as_ref().map(|t| t.clone_ref(py))
+    }
+
     fn _init(&self, request: Py<PyAny>) {
         let _ = self.request.set(request);
     }
@@ -1302,7 +1349,11 @@ impl Core {
             py,
             (
                 obj.clone_ref(py),
-                request.method,
+                if request.method == "GET" {
+                    pyo3::intern!(py, "GET").clone()
+                } else {
+                    PyString::new(py, &request.method)
+                },
                 request.target,
                 raw_headers(&request.headers),
                 remote,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import logging
 import os
@@ -15,7 +14,6 @@ from . import _lightws
 from ._lightws import Connection
 from ._types import LogLevel, Opcode
 from .config import Config, Handler
-from .exceptions import ConnectionClosed
 from .http import Request, Response
 
 __all__ = ["Rates", "Server", "Stats"]
@@ -237,10 +235,11 @@ class Server:
                 waits.append(asyncio.ensure_future(_await(conn.close(1001, "server shutdown"))))
             except Exception:  # pragma: no cover - closing must go on
                 logger.exception("closing connection %s", conn.id)
-        pending = [*waits, *self._tasks]
+        handlers = [t for c in core.connections() if (t := c._handler_task) is not None]
+        pending = [*waits, *self._tasks, *handlers]
         if pending:
             await asyncio.wait(pending, timeout=self.config.close_timeout + 0.5)
-        tasks = [t for t in self._tasks if not t.done()]
+        tasks = [t for t in [*self._tasks, *handlers] if not t.done()]
         for t in tasks:
             t.cancel()
         if tasks:
@@ -401,8 +400,7 @@ class Server:
             )
             _ = conn.close(1011)
             return
-        self._tasks.add(task)
-        task.add_done_callback(functools.partial(_handler_done, self._tasks, conn))
+        conn._watch(task)
 
     def _spawn(self, coro: Any) -> None:
         assert self._loop is not None
@@ -411,27 +409,14 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
 
-def _handler_done(
-    tasks: set[asyncio.Task[None]], conn: Connection, task: asyncio.Task[None]
-) -> None:
-    """The handler returned (close 1000), raised (log, close 1011) or was cancelled."""
-    tasks.discard(task)
-    if task.cancelled():
-        conn.abort()
-        return
-    exc = task.exception()
-    code = 1000
-    if exc is not None and not isinstance(exc, ConnectionClosed):
-        logger.error(
-            "[%s:%s #%d] handler raised; closing with 1011",
-            *conn.remote_address,
-            conn.id,
-            exc_info=exc,
-        )
-        code = 1011
-    if not conn.closed:
-        # The close proceeds in Rust; its awaitable is not needed here.
-        _ = conn.close(code)
+def _handler_failed(conn: Connection, exc: BaseException) -> None:
+    """Called by the connection when its handler raised (it then closes with 1011)."""
+    logger.error(
+        "[%s:%s #%d] handler raised; closing with 1011",
+        *conn.remote_address,
+        conn.id,
+        exc_info=exc,
+    )
 
 
 def _reject(conn: Connection, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
