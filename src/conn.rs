@@ -454,6 +454,8 @@ impl<S: Transport> Driver<S> {
                 unsafe { self.rbuf.set_len(self.rbuf.len() + n) };
                 if n == want && self.read_size < MAX_READ {
                     self.read_size = (self.read_size * 2).min(MAX_READ);
+                } else if n < want / 4 {
+                    self.read_size = (self.read_size / 2).max(self.shared.cfg.ws_read_buffer);
                 }
                 self.shared.stats.add_bytes_in(n as u64);
                 Poll::Ready(Ok(n))
@@ -469,8 +471,10 @@ impl<S: Transport> Driver<S> {
     }
 
     fn release_read_buffer(&mut self) {
+        // The buffer goes back to the allocator; the read size it had grown to is kept
+        // (it shrinks on short reads), so a connection that streams large messages does
+        // not restart at ws_read_buffer for each of them.
         self.rbuf = Vec::new();
-        self.read_size = self.shared.cfg.ws_read_buffer;
     }
 
     /// Take everything Python queued once the previous batch is written. Err(()) means
@@ -642,7 +646,6 @@ impl<S: Transport> Driver<S> {
         }
         if rbuf.is_empty() && rbuf.capacity() > self.shared.cfg.ws_read_buffer {
             rbuf = Vec::new();
-            self.read_size = self.shared.cfg.ws_read_buffer;
         }
         self.rbuf = rbuf;
         if self.timer_kind == TimerKind::Keepalive {
@@ -688,8 +691,14 @@ impl<S: Transport> Driver<S> {
                 }
                 if first {
                     self.msg_opcode = opcode;
-                    self.msg.clear();
+                    self.msg = Vec::with_capacity(self.decoder.message_size() as usize);
                     self.shared.inbox.lock().assembling = true;
+                } else if self.msg.capacity() - self.msg.len() < payload.len() {
+                    // A later fragment: its declared length is known now (the decoder's
+                    // count is already reset when this is the message's last chunk).
+                    let declared = self.decoder.message_size() as usize;
+                    let want = declared.saturating_sub(self.msg.len()).max(payload.len());
+                    self.msg.reserve_exact(want);
                 }
                 self.msg.extend_from_slice(payload);
                 if fin {

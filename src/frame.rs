@@ -309,6 +309,13 @@ impl Decoder {
         self.message.is_some()
     }
 
+    /// Declared payload bytes of the data message in progress, including the whole
+    /// length of the frame being read (already checked against the size limit), so a
+    /// caller assembling the message can allocate once.
+    pub fn message_size(&self) -> u64 {
+        self.message_size
+    }
+
     /// Decode from the start of `buf`, unmasking payload bytes in place.
     ///
     /// Returns `(consumed, event)`:
