@@ -428,8 +428,18 @@ impl<S: Transport> Driver<S> {
     }
 
     fn read_paused(&self) -> bool {
-        // Only data delivery is paused; once closing we keep reading to see the close.
-        self.state == State::Open && self.shared.inbox.lock().paused
+        if self.state != State::Open {
+            // Once closing we keep reading (and discarding) to see the peer's close.
+            return false;
+        }
+        // A peer that does not read what we write (pongs to a ping flood, echoes) gets
+        // no more of its input read until it does: our unwritten output stays bounded
+        // (the outbox itself is bounded by write_limit on the Python side).
+        let backlog = self.wbuf.len() - self.wpos;
+        if backlog > 2 * self.shared.cfg.write_limit + 64 * 1024 {
+            return true;
+        }
+        self.shared.inbox.lock().paused
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightws
 from conftest import eventually, reporting_handshake, serve, url
-from rawws import RawWebSocket, http_exchange, upgrade_request
+from rawws import RawWebSocket, build_frame, http_exchange, upgrade_request
 from websockets.asyncio.client import connect
 
 OP_PING, OP_PONG, OP_TEXT = 9, 10, 1
@@ -151,3 +151,29 @@ async def test_a_peer_reset_mid_frame_does_not_disturb_other_connections() -> No
             await healthy.send("still echoing")
             assert await asyncio.wait_for(healthy.recv(), 5) == "still echoing"
         await eventually(lambda: server.stats().connections == 0)
+
+
+async def test_a_ping_flood_from_a_peer_that_never_reads_is_throttled() -> None:
+    async with serve(write_limit=16 * 1024) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(upgrade_request("/"))
+        await writer.drain()
+        ping = build_frame(OP_PING, b"p" * 125)
+        batch = ping * 1000  # 131 KB of pings, each asking for a 127-byte pong
+        sent = 0
+        throttled = False
+        while sent < 200 << 20:
+            writer.write(batch)
+            try:
+                await asyncio.wait_for(writer.drain(), 2.0)
+            except asyncio.TimeoutError:
+                throttled = True
+                break
+            sent += len(batch)
+        # The server stopped reading once its unread pongs piled up: the flood is held
+        # back by TCP, far below 200 MB, instead of growing the server's memory.
+        assert throttled, f"the server read {sent} bytes of pings without being read from"
+        writer.transport.abort()
+        async with connect(url(server)) as ws:
+            await ws.send("server still fine")
+            assert await asyncio.wait_for(ws.recv(), 5) == "server still fine"
