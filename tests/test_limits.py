@@ -155,7 +155,7 @@ async def test_a_peer_reset_mid_frame_does_not_disturb_other_connections() -> No
 
 async def test_a_ping_flood_from_a_peer_that_never_reads_is_throttled() -> None:
     async with serve(write_limit=16 * 1024) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(upgrade_request("/"))
         await writer.drain()
         ping = build_frame(OP_PING, b"p" * 125)
