@@ -37,7 +37,14 @@ from tls_memory import (
     start_server,
 )
 
-SERVERS = ("lightws-tls", "websockets-tls", "websockets-tls-uvloop", "lightws-plain")
+SERVERS = (
+    "lightws-tls",
+    "websockets-tls",
+    "websockets-tls-uvloop",
+    "picows-tls",
+    "picows-tls-uvloop",
+    "lightws-plain",
+)
 
 
 def masked_binary_frame(payload: bytes) -> bytes:
