@@ -431,7 +431,8 @@ pub struct Connection {
 
 impl Connection {
     fn create_future(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.event_loop.call_method0(py, "create_future")
+        self.event_loop
+            .call_method0(py, pyo3::intern!(py, "create_future"))
     }
 
     fn closed_error_now(&self, py: Python<'_>) -> PyErr {
@@ -488,7 +489,10 @@ impl Connection {
         }
         let mut st = self.st.lock();
         if let Some((f, _)) = &st.recv {
-            if !f.call_method0(py, "done")?.is_truthy(py)? {
+            if !f
+                .call_method0(py, pyo3::intern!(py, "done"))?
+                .is_truthy(py)?
+            {
                 return Err(PyRuntimeError::new_err(
                     "cannot call recv() while another coroutine is already waiting for the \
                      next message on this connection",
@@ -510,7 +514,10 @@ impl Connection {
             Some(w) => w,
             None => return Ok(()),
         };
-        if fut.call_method0(py, "done")?.is_truthy(py)? {
+        if fut
+            .call_method0(py, pyo3::intern!(py, "done"))?
+            .is_truthy(py)?
+        {
             // Cancelled: the message stays queued for the next recv().
             return Ok(());
         }
@@ -518,11 +525,11 @@ impl Connection {
         match self.take_ready(py, &mut inbox, want) {
             Some(Ok(v)) => {
                 drop(inbox);
-                fut.call_method1(py, "set_result", (v,))?;
+                fut.call_method1(py, pyo3::intern!(py, "set_result"), (v,))?;
             }
             Some(Err(e)) => {
                 drop(inbox);
-                fut.call_method1(py, "set_exception", (e.into_value(py),))?;
+                fut.call_method1(py, pyo3::intern!(py, "set_exception"), (e.into_value(py),))?;
             }
             None => {
                 inbox.waiting = true;
@@ -537,8 +544,11 @@ impl Connection {
         self.continue_large(py)?;
         let drains = std::mem::take(&mut self.st.lock().drains);
         for f in drains {
-            if !f.call_method0(py, "done")?.is_truthy(py)? {
-                f.call_method1(py, "set_result", (py.None(),))?;
+            if !f
+                .call_method0(py, pyo3::intern!(py, "done"))?
+                .is_truthy(py)?
+            {
+                f.call_method1(py, pyo3::intern!(py, "set_result"), (py.None(),))?;
             }
         }
         Ok(())
@@ -557,14 +567,24 @@ impl Connection {
         };
         self.on_readable(py)?;
         for f in closers {
-            if !f.call_method0(py, "done")?.is_truthy(py)? {
-                f.call_method1(py, "set_result", (py.None(),))?;
+            if !f
+                .call_method0(py, pyo3::intern!(py, "done"))?
+                .is_truthy(py)?
+            {
+                f.call_method1(py, pyo3::intern!(py, "set_result"), (py.None(),))?;
             }
         }
         for f in drains {
-            if !f.call_method0(py, "done")?.is_truthy(py)? {
+            if !f
+                .call_method0(py, pyo3::intern!(py, "done"))?
+                .is_truthy(py)?
+            {
                 let err = self.closed_error_now(py);
-                f.call_method1(py, "set_exception", (err.into_value(py),))?;
+                f.call_method1(
+                    py,
+                    pyo3::intern!(py, "set_exception"),
+                    (err.into_value(py),),
+                )?;
             }
         }
         Ok(())
@@ -693,10 +713,14 @@ impl Connection {
         let large = st.large.take().expect("checked above");
         drop(st);
         match r {
-            Ok(_) => large.fut.call_method1(py, "set_result", (py.None(),))?,
-            Err(e) => large
+            Ok(_) => large
                 .fut
-                .call_method1(py, "set_exception", (e.into_value(py),))?,
+                .call_method1(py, pyo3::intern!(py, "set_result"), (py.None(),))?,
+            Err(e) => large.fut.call_method1(
+                py,
+                pyo3::intern!(py, "set_exception"),
+                (e.into_value(py),),
+            )?,
         };
         self.release(py)
     }
@@ -717,24 +741,32 @@ impl Connection {
             };
             match next {
                 Ok(d) => {
-                    if d.fut.call_method0(py, "done")?.is_truthy(py)? {
+                    if d.fut
+                        .call_method0(py, pyo3::intern!(py, "done"))?
+                        .is_truthy(py)?
+                    {
                         continue; // the sender was cancelled: it did not send
                     }
                     match self.send_payload(py, d.op, d.payload) {
                         // Resolve this sender once its own message is queued.
                         Ok(aw) => self.chain(py, aw, d.fut)?,
                         Err(e) => {
-                            d.fut
-                                .call_method1(py, "set_exception", (e.into_value(py),))?;
+                            d.fut.call_method1(
+                                py,
+                                pyo3::intern!(py, "set_exception"),
+                                (e.into_value(py),),
+                            )?;
                         }
                     }
                 }
                 Err(Some(w)) => {
-                    if w.call_method0(py, "done")?.is_truthy(py)? {
+                    if w.call_method0(py, pyo3::intern!(py, "done"))?
+                        .is_truthy(py)?
+                    {
                         continue;
                     }
                     self.st.lock().writer_active = true;
-                    w.call_method1(py, "set_result", (py.None(),))?;
+                    w.call_method1(py, pyo3::intern!(py, "set_result"), (py.None(),))?;
                     return Ok(());
                 }
                 Err(None) => return Ok(()),
@@ -745,7 +777,9 @@ impl Connection {
     /// Complete `fut` when awaitable `aw` (a Ready or an asyncio future) completes.
     fn chain(&self, py: Python<'_>, aw: Py<PyAny>, fut: Py<PyAny>) -> PyResult<()> {
         if aw.bind(py).cast::<Ready>().is_ok() {
-            return fut.call_method1(py, "set_result", (py.None(),)).map(|_| ());
+            return fut
+                .call_method1(py, pyo3::intern!(py, "set_result"), (py.None(),))
+                .map(|_| ());
         }
         let chain = py.import("lightws.streaming")?.getattr("_chain")?;
         chain.call1((aw, fut))?;
