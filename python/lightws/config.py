@@ -86,6 +86,6 @@ class Config:
     #: Tokio worker threads doing the I/O. Default 1.
     threads: int = 1
     #: Show non-upgrade HTTP requests to the handshake callable (``request.upgrade`` is
-    #: False); it answers with ``response.status/headers/body`` and returns None.
-    #: Default False: they get 400.
+    #: False); it answers with ``response.status/headers/body`` and returns None
+    #: (status defaults to 200 with a body, 404 without). Default False: they get 400.
     http_fallback: bool = False

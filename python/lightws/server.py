@@ -360,7 +360,9 @@ class Server:
         if result is None or not request.upgrade:
             status = response.status
             if status is None:
-                status = 403 if request.upgrade else 404
+                # A rejected upgrade defaults to 403; a plain HTTP request (http_fallback)
+                # answered with a body defaults to 200, without one to 404.
+                status = 403 if request.upgrade else (200 if response.body else 404)
             _reject(conn, status, response.headers.raw_items(), response.body)
             return
         if not callable(result):
