@@ -42,7 +42,7 @@ async def websockets_server(host: str, port: int) -> Callable[[], Awaitable[None
     return close
 
 
-async def picows_server(host: str, port: int) -> Callable[[], Awaitable[None]]:
+async def picows_server(host: str, port: int, ssl: Any = None) -> Callable[[], Awaitable[None]]:
     from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
     class Echo(WSListener):
@@ -55,7 +55,9 @@ async def picows_server(host: str, port: int) -> Callable[[], Awaitable[None]]:
             elif frame.msg_type != WSMsgType.PONG:
                 transport.send(frame.msg_type, frame.get_payload_as_memoryview(), frame.fin)
 
-    server = await ws_create_server(lambda _request: Echo(), host, port, max_frame_size=MAX_SIZE)
+    server = await ws_create_server(
+        lambda _request: Echo(), host, port, ssl=ssl, max_frame_size=MAX_SIZE
+    )
 
     async def close() -> None:
         server.close()

@@ -107,29 +107,16 @@ async def run_websockets(port: int, cert: str, key: str, mode: str) -> None:
 
 
 async def run_picows(port: int, cert: str, key: str, mode: str) -> None:
-    """picows over TLS (Python's ssl on the event loop), echoing each frame."""
-    from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
+    """picows over TLS (Python's ssl on the event loop): the echo peer of peers.py."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from peers import picows_server
 
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     ctx.set_alpn_protocols(["http/1.1"])
-
-    class Echo(WSListener):
-        def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-            if frame.msg_type == WSMsgType.CLOSE:
-                transport.send_close(frame.get_close_code(), frame.get_close_message())
-                transport.disconnect()
-            elif frame.msg_type == WSMsgType.PING:
-                transport.send_pong(frame.get_payload_as_bytes())
-            elif frame.msg_type != WSMsgType.PONG and mode == "echo":
-                transport.send(frame.msg_type, frame.get_payload_as_memoryview(), frame.fin)
-
-    server = await ws_create_server(
-        lambda _request: Echo(), HOST, port, ssl=ctx, max_frame_size=16 << 20
-    )
-    async with server:
-        print("ready", flush=True)
-        await asyncio.Future()
+    await picows_server(HOST, port, ssl=ctx)
+    print("ready", flush=True)
+    await asyncio.Future()
 
 
 def server_main(kind: str, port: int, cert: str, key: str, mode: str) -> None:
