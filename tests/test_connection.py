@@ -601,9 +601,13 @@ async def test_send_applies_back_pressure_when_the_client_does_not_read() -> Non
     handshake, outcome = reporting_handshake(body)
     async with serve(handshake, write_limit=64 * 1024) as server:
         async with await RawWebSocket.connect(server.port) as ws:
+            # Really not reading: otherwise asyncio's stream transport keeps pulling
+            # bytes into its own (16 MiB-limit) buffer, which can hold the whole 50 MiB.
+            ws.writer.transport.pause_reading()  # type: ignore[attr-defined]
             await asyncio.sleep(1.0)  # not reading: sends must start to wait
             stalled_at = sent
             assert stalled_at < total_target, "send() never waited on a stalled client"
+            ws.writer.transport.resume_reading()  # type: ignore[attr-defined]
             for _ in range(total_target):  # now read everything, intact and in order
                 assert await ws.recv_message(timeout=10) == (BINARY, chunk)
             assert await asyncio.wait_for(outcome, 10) == total_target
