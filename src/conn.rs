@@ -18,13 +18,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
-use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::frame::{self, Decoder, Event, OpCode, Role};
 use crate::hub::{self, Hub, LogEvent};
+use crate::lockcheck::ConnMutex;
 use crate::stats::Stats;
 
 /// Log levels, as `lightws.LogLevel`.
@@ -115,8 +115,8 @@ pub struct ConnShared {
     /// lock, read by the task before each new message's first frame header).
     pub stream_next: AtomicBool,
     pub remote: SocketAddr,
-    pub inbox: Mutex<Inbox>,
-    pub outbox: Mutex<Outbox>,
+    pub inbox: ConnMutex<Inbox>,
+    pub outbox: ConnMutex<Outbox>,
     pub waker: AtomicWaker,
     pub hub: Arc<Hub>,
     pub stats: Arc<Stats>,
@@ -136,8 +136,8 @@ impl ConnShared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             stream_next: AtomicBool::new(false),
             remote,
-            inbox: Mutex::new(Inbox::default()),
-            outbox: Mutex::new(Outbox::default()),
+            inbox: ConnMutex::new(Inbox::default()),
+            outbox: ConnMutex::new(Outbox::default()),
             waker: AtomicWaker::new(),
             hub,
             stats,

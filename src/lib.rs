@@ -11,6 +11,7 @@ pub mod frame;
 pub mod handshake;
 pub mod hub;
 pub mod loadgen;
+pub mod lockcheck;
 pub mod server;
 pub mod stats;
 pub mod tls;
@@ -22,7 +23,7 @@ fn _lightws(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bridge::Core>()?;
     m.add_class::<bridge::Connection>()?;
     m.add_class::<bridge::Message>()?;
-    m.add_class::<bridge::Ready>()?;
+    m.add_class::<bridge::Op>()?;
     m.add_function(wrap_pyfunction!(loadgen::run_bench, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -17,22 +16,6 @@ __all__ = ["MessageReader", "MessageWriter"]
 
 #: Connection id -> the task holding its open writer (to refuse a nested writer).
 _writers: dict[int, asyncio.Task[Any]] = {}
-
-
-def _chain(source: Awaitable[Any], target: asyncio.Future[Any]) -> None:
-    """Complete ``target`` like ``source`` (used by the native send queue)."""
-
-    def done(f: asyncio.Future[Any]) -> None:
-        if target.done():
-            return
-        if f.cancelled():
-            target.cancel()
-        elif f.exception() is not None:
-            target.set_exception(f.exception())  # type: ignore[arg-type]
-        else:
-            target.set_result(None)
-
-    asyncio.ensure_future(source).add_done_callback(done)
 
 
 class MessageReader:
