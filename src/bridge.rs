@@ -269,10 +269,15 @@ impl Op {
 
 impl Drop for Op {
     fn drop(&mut self) {
-        if matches!(self.state, OpState::Wait { .. }) {
-            // An awaitable dropped while waiting (its task was destroyed, or it was
-            // never resumed after its future completed): do not keep the receive slot
-            // or the writer slot, and do not lose a message that was handed to it.
+        // An awaitable dropped while waiting (its task was destroyed, or it was never
+        // resumed after its future completed) must not keep the receive slot or the
+        // writer slot, nor lose a message handed to it. A send dropped unawaited is
+        // left alone: like one that completed at once, its message still goes out.
+        if let OpState::Wait {
+            kind: WaitKind::Receive(..) | WaitKind::Writer(..),
+            ..
+        } = self.state
+        {
             Python::attach(|py| self.abandon(py));
         }
     }
@@ -1245,6 +1250,11 @@ impl Connection {
     ///
     /// Completes at once unless more than `write_limit` bytes are queued; then it waits
     /// until the connection has written them. Raises `ConnectionClosed` after a close.
+    ///
+    /// The message is queued when `send()` is called, so cancelling the wait does not
+    /// take it back; only a send still waiting behind a fragmented message (a
+    /// `writer()` or a send over `write_limit`) is not sent if cancelled before its turn.
+    /// The fragments of a large message keep going after its send is cancelled.
     fn send(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         if let Ok(b) = message.cast::<PyBytes>() {
             return self.send_payload(py, OpCode::Binary, Payload::Bytes(b.clone().unbind()));

@@ -245,3 +245,24 @@ async def test_asyncio_timeout_cancels_a_pending_recv_and_the_next_one_works() -
         assert await asyncio.wait_for(ws.recv(), 5) == "ready"
         await ws.send("after timeout")
         assert await asyncio.wait_for(outcome, 5) == "after timeout"
+
+
+async def test_a_send_waiting_behind_a_writer_is_sent_unless_cancelled() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        async with conn.writer() as w:
+            await w.write(b"frag")
+            conn.send("dropped unawaited")  # noqa: RUF006 - queued all the same
+            gc.collect()
+            cancelled = asyncio.create_task(conn.send("cancelled"))
+            awaited = asyncio.create_task(conn.send("awaited"))
+            await asyncio.sleep(0)
+            cancelled.cancel()
+        await asyncio.wait_for(awaited, 5)
+        await conn.send("end")
+        return "ok"
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server, connect(url(server)) as ws:
+        got = [await asyncio.wait_for(ws.recv(), 5) for _ in range(4)]
+        assert got == [b"frag", "dropped unawaited", "awaited", "end"]
+        assert await asyncio.wait_for(outcome, 5) == "ok"
