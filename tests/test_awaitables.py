@@ -29,9 +29,7 @@ async def test_create_task_of_recv_works_when_no_message_is_queued() -> None:
         assert await asyncio.wait_for(outcome, 5) == "hello"
 
 
-async def test_every_coroutine_method_works_with_create_task_gather_wait_for_and_timeout() -> (
-    None
-):
+async def test_every_method_works_with_create_task_gather_wait_for_and_timeout() -> None:
     async def body(conn: lightws.Connection) -> Any:
         got = []
         got.append((await asyncio.create_task(conn.recv())).text)
@@ -251,7 +249,7 @@ async def test_a_send_waiting_behind_a_writer_is_sent_unless_cancelled() -> None
     async def body(conn: lightws.Connection) -> Any:
         async with conn.writer() as w:
             await w.write(b"frag")
-            conn.send("dropped unawaited")  # noqa: RUF006 - queued all the same
+            conn.send("dropped unawaited")  # queued all the same
             gc.collect()
             cancelled = asyncio.create_task(conn.send("cancelled"))
             awaited = asyncio.create_task(conn.send("awaited"))
