@@ -13,6 +13,7 @@ import asyncio
 import logging
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -482,3 +483,60 @@ def test_security_defaults_check_nothing() -> None:
     assert config.origins is None
     assert config.max_connections_per_ip == 0
     assert tuple(config.trusted_proxies) == ()
+
+
+# -- Command line ------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio_loop_only  # the demo runs in its own process
+async def test_demo_origin_options() -> None:
+    from test_demos import start_demo
+
+    demo = await start_demo(
+        "echo",
+        "--origin",
+        APP,
+        "--origin",
+        "NONE",
+        "--max-connections-per-ip",
+        "1",
+        ready="allowed from",
+    )
+    try:
+        assert f"allowed from: {APP}, (no Origin)" in demo.banner
+
+        async def status(**kwargs: Any) -> int:
+            try:
+                async with connect(demo.ws + "/", **kwargs) as ws:
+                    await ws.send("ping")
+                    assert await ws.recv() == "ping"
+                    return 101
+            except InvalidStatus as exc:
+                return exc.response.status_code
+
+        assert await status(origin=Origin(APP)) == 101
+        assert await status() == 101
+        assert await status(origin=Origin("https://evil.example")) == 403
+        async with connect(demo.ws + "/"):
+            assert await status() == 429
+    finally:
+        await demo.stop()
+
+
+@pytest.mark.asyncio_loop_only
+async def test_demo_refuses_a_malformed_origin_with_exit_status_2() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "lightws",
+        "echo",
+        "--addr",
+        "127.0.0.1:0",
+        "--origin",
+        "app.example",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert b'Config.origins[0]: "app.example" is not an origin' in out
