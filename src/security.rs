@@ -209,7 +209,11 @@ impl OriginPolicy {
                 let value = value.trim_matches(|c| c == ' ' || c == '\t');
                 match Origin::parse(value) {
                     Ok(o) if self.allowed.contains(&o) => Ok(()),
-                    Ok(o) => Err(format!("Origin {value:?} ({o}) is not in Config.origins")),
+                    // The normalised form too when it differs: it is what was compared.
+                    Ok(o) if o.to_string() != value => {
+                        Err(format!("Origin {value:?} ({o}) is not in Config.origins"))
+                    }
+                    Ok(_) => Err(format!("Origin {value:?} is not in Config.origins")),
                     Err(_) => Err(format!("Origin {value:?} is not in Config.origins")),
                 }
             }
@@ -718,6 +722,28 @@ mod tests {
         let again = lim.acquire(ip("192.0.2.1")).unwrap();
         drop((b, again, other, v6a, v6b));
         assert_eq!(lim.keys(), 0, "entries are removed at zero");
+    }
+
+    proptest::proptest! {
+        /// Config entries and request headers are arbitrary text: never a panic.
+        #[test]
+        fn parsers_never_panic(s in "\\PC{0,40}", t in "[0-9a-f:.\\[\\]/, ]{0,40}") {
+            let _ = Origin::parse(&s);
+            let _ = Origin::parse(&format!("https://{s}"));
+            let _ = IpNet::parse(&s);
+            let _ = IpNet::parse(&t);
+            let r = req(&[("X-Forwarded-For", &t), ("Origin", &s)]);
+            let _ = forwarded_client(ip("127.0.0.1"), &r, &[IpNet::parse("0.0.0.0/0").unwrap()]);
+            let _ = policy(&[Some("https://a.example"), None]).check(&r);
+        }
+
+        /// Whatever parses prints back to something that parses to the same origin.
+        #[test]
+        fn origins_round_trip(s in "[a-zA-Z][a-z+.-]{0,5}://[a-zA-Z0-9.-]{1,12}(:[0-9]{1,5})?") {
+            if let Ok(o) = Origin::parse(&s) {
+                proptest::prop_assert_eq!(Origin::parse(&o.to_string()).unwrap(), o);
+            }
+        }
     }
 
     #[test]
