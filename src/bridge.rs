@@ -44,6 +44,7 @@ use crate::frame::{self, OpCode};
 use crate::handshake;
 use crate::hub::{Event, HandshakeEvent, Hub, Reply};
 use crate::lockcheck::{assert_unlocked, ConnMutex};
+use crate::security::{IpLimiter, IpNet, OriginPolicy};
 use crate::server::{self, ServerConfig, ServerShared};
 use crate::stats::{Stats, OPCODES};
 use crate::tls::{self, CertStore, TlsError};
@@ -1425,7 +1426,8 @@ impl Connection {
             .unwrap_or_else(|| py.None())
     }
 
-    /// The peer's `(host, port)`.
+    /// The client's `(host, port)`: the TCP peer, or behind a proxy listed in
+    /// `Config.trusted_proxies` the address from `X-Forwarded-For` (port 0).
     #[getter]
     fn remote_address(&self) -> (String, u16) {
         (
@@ -1625,6 +1627,34 @@ fn opt_size(cfg: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<usize>> {
     }
 }
 
+/// A list field that must not be a bare `str` (which would be taken as a list of
+/// one-character entries by Python, and is surely a missing pair of brackets).
+fn list<'py, T: FromPyObjectOwned<'py>>(cfg: &Bound<'py, PyAny>, name: &str) -> PyResult<T> {
+    if cfg.getattr(name)?.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(format!(
+            "Config.{name} must be a list of strings, not a str (write [\"...\"])"
+        )));
+    }
+    get(cfg, name)
+}
+
+/// `Config.origins` and `Config.trusted_proxies`, validated (security.rs parses them).
+fn admission(cfg: &Bound<'_, PyAny>) -> PyResult<(Option<OriginPolicy>, Vec<IpNet>)> {
+    let origins: Option<Vec<Option<String>>> = list(cfg, "origins")?;
+    let origins = origins
+        .map(|o| OriginPolicy::new(&o))
+        .transpose()
+        .map_err(PyValueError::new_err)?;
+    let proxies: Vec<String> = list(cfg, "trusted_proxies")?;
+    let proxies = proxies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| IpNet::parse(p).map_err(|e| format!("Config.trusted_proxies[{i}]: {e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(PyValueError::new_err)?;
+    Ok((origins, proxies))
+}
+
 fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
     let addr: String = get(cfg, "addr")?;
     server::parse_addr(&addr).map_err(PyValueError::new_err)?;
@@ -1663,6 +1693,7 @@ fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
         io_statistics: get(cfg, "io_statistics")?,
     };
     let backlog = size(cfg, "backlog", 1)?.min(65535) as i32;
+    let (origins, trusted_proxies) = admission(cfg)?;
     Ok(ServerConfig {
         addr,
         conn: Arc::new(conn),
@@ -1674,6 +1705,9 @@ fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
         handshake_write_timeout: seconds(cfg, "handshake_write_timeout", true)?.unwrap_or_default(),
         tcp_keepalive: seconds(cfg, "tcp_keepalive", false)?,
         max_connections: size(cfg, "max_connections", 0)?,
+        max_connections_per_ip: size(cfg, "max_connections_per_ip", 0)?,
+        trusted_proxies,
+        origins,
         backlog,
         threads,
         http_fallback: get(cfg, "http_fallback")?,
@@ -1832,6 +1866,7 @@ impl Core {
             _ => None,
         };
         let srv = Arc::new(ServerShared {
+            per_ip: IpLimiter::new(cfg.max_connections_per_ip),
             cfg,
             hub: hub.clone(),
             stats: Arc::new(Stats::new()),

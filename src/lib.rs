@@ -1,6 +1,7 @@
 //! lightws: a WebSocket server for Python asyncio whose I/O path runs in Rust.
 //!
-//! Module map (DESIGN.md §2): `frame` and `handshake` are pure codecs; `conn` drives one
+//! Module map (DESIGN.md §2): `frame` and `handshake` are pure codecs, `security` the
+//! pure admission rules (origins, proxies, per-address counts); `conn` drives one
 //! connection on tokio; `server` owns the listener and TLS; `hub` carries events from
 //! tokio to the asyncio loop; `bridge` is the Python-facing side. This file only
 //! registers the Python classes.
@@ -12,6 +13,7 @@ pub mod handshake;
 pub mod hub;
 pub mod loadgen;
 pub mod lockcheck;
+pub mod security;
 pub mod server;
 pub mod stats;
 pub mod tls;

@@ -6,6 +6,11 @@
 
 Open http://127.0.0.1:9001/ in a browser for the demo's page. SIGINT/SIGTERM stop
 accepting, close every connection with 1001 (waiting up to close_timeout) and exit 0.
+
+For a public deployment (docs/security.md): --origin restricts which pages may connect
+(repeat it; list the demo page's own origin too, e.g. http://127.0.0.1:9001, and
+"--origin none" to admit clients that send no Origin header), --max-connections-per-ip
+caps each client address, --trusted-proxy names proxies whose X-Forwarded-For is believed.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ async def _serve(
         tls = bool(config.cert_file)
         print(f"lightws listening on {_url('wss' if tls else 'ws', server.address)}", flush=True)
         print(f"open {_url('https' if tls else 'http', server.address)} in a browser", flush=True)
+        if config.origins is not None:
+            allowed = ", ".join("(no Origin)" if o is None else o for o in config.origins)
+            print(f"WebSocket upgrades allowed from: {allowed or 'nowhere'}", flush=True)
         for extra, path in side() if side else []:
             await stack.enter_async_context(extra)
             # Side servers never upgrade; they answer plain HTTP (http_fallback).
@@ -110,7 +118,38 @@ def _common_options() -> argparse.ArgumentParser:
         help="print server stats every SECONDS",
     )
     common.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    common.add_argument(
+        "--origin",
+        action="append",
+        metavar="ORIGIN",
+        help="allow WebSocket upgrades only from this origin (scheme://host[:port]); "
+        "repeatable; 'none' admits requests without an Origin header (non-browser "
+        "clients). The demo page's own origin must be listed too. Default: any origin",
+    )
+    common.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer 429 beyond N connections from one address (IPv6: per /64); "
+        "0 (default) means no limit",
+    )
+    common.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="a proxy (IP address or CIDR network) whose X-Forwarded-For names the "
+        "client; repeatable",
+    )
     return common
+
+
+def _origins(values: list[str] | None) -> list[str | None] | None:
+    """``--origin`` values for Config.origins: ``none`` (any case) stands for None."""
+    if values is None:
+        return None
+    return [None if v.lower() == "none" else v for v in values]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -208,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_msg_len=args.max_msg_len,
         log_level=level,
         threads=args.threads,
+        origins=_origins(args.origin),
+        max_connections_per_ip=args.max_connections_per_ip,
+        trusted_proxies=args.trusted_proxy,
     )
     run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     if args.uvloop:
@@ -219,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"lightws: {e}", file=sys.stderr)
         return 1
+    except (ValueError, TypeError) as e:  # an invalid option value, found by Config
+        print(f"lightws: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

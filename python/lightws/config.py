@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +81,24 @@ class Config:
     write_limit: int = 64 * 1024
     #: Answer 503 to connections beyond this many. 0 (default) means no limit.
     max_connections: int = 0
+    #: Origins allowed to open a WebSocket (defence against cross-site WebSocket
+    #: hijacking, RFC 6455 section 10.2): ``"scheme://host[:port]"`` entries such as
+    #: ``"https://app.example"``; scheme and host compare case-insensitively and a
+    #: default port (80/443) may be written or left out. A ``None`` entry admits requests
+    #: without an ``Origin`` header (non-browser clients). Any other upgrade gets 403
+    #: before the handshake callable runs. None (default) checks nothing. See
+    #: docs/security.md.
+    origins: Sequence[str | None] | None = None
+    #: Answer 429 to a client address's connections beyond this many (an IPv4 address,
+    #: or an IPv6 /64), counting those still in their handshake; before the handshake
+    #: callable runs. 0 (default) means no limit.
+    max_connections_per_ip: int = 0
+    #: Proxies (IP addresses or CIDR networks such as ``"10.0.0.0/8"``) whose
+    #: ``X-Forwarded-For`` header names the client: its right-most address that is not a
+    #: trusted proxy becomes ``request.remote_address`` (with port 0) and the address
+    #: ``max_connections_per_ip`` counts. Other peers' ``X-Forwarded-For`` is ignored.
+    #: Default ``()``.
+    trusted_proxies: Sequence[str] = ()
     #: listen() backlog. Default 1024.
     backlog: int = 1024
     #: Tokio worker threads doing the I/O. Default 1.
