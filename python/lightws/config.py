@@ -14,7 +14,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Config", "Handler", "HandshakeFunc"]
 
-#: A per-connection handler: ``async def handler(conn: Connection) -> None``.
+#: A per-connection handler: ``async def handler(conn: Connection) -> None``. Any
+#: callable whose call returns an awaitable works (``functools.partial`` of an async
+#: function, an object with ``async def __call__``); it is called just before the 101
+#: is sent, and one that raises or returns something else is answered with 500.
 Handler = Callable[["Connection"], Awaitable[None]]
 
 #: The handshake callable: ``(request, response) -> Handler | None``, sync or async.

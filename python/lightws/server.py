@@ -7,13 +7,14 @@ import inspect
 import logging
 import os
 import socket
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _lightws
 from ._lightws import Connection
 from ._types import LogLevel, Opcode
-from .config import Config, Handler
+from .config import Config
 from .http import Request, Response
 
 __all__ = ["Rates", "Server", "Stats"]
@@ -348,11 +349,8 @@ class Server:
         self._finish(conn, request, response, result)
 
     def _handshake_failed(self, conn: Connection, request: Request) -> None:
-        logger.exception(
-            "[%s:%s #%d] handshake callable raised for %s",
-            *request.remote_address,
-            conn.id,
-            request.target,
+        _conn_log(
+            logging.ERROR, conn, "handshake callable raised for %s", request.target, exc_info=True
         )
         _reject(conn, 500, [], b"Internal Server Error")
 
@@ -366,39 +364,72 @@ class Server:
             _reject(conn, status, response.headers.raw_items(), response.body)
             return
         if not callable(result):
-            logger.error("handshake callable must return an async handler or None, got %r", result)
+            _conn_log(logging.ERROR, conn, "%s; got %r", _HANDLER_HINT, result)
             _reject(conn, 500, [], b"Internal Server Error")
             return
         sub = response.subprotocol
         if sub is not None and sub not in request.subprotocols:
-            logger.error(
+            _conn_log(
+                logging.ERROR,
+                conn,
                 "response.subprotocol %r was not offered by the client (offered: %r)",
                 sub,
                 request.subprotocols,
             )
             _reject(conn, 500, [], b"Internal Server Error")
             return
+        # Call the handler before the 101 goes out, so that a handler that is not async
+        # is refused with a 500 rather than accepted and closed with 1011 at once. For an
+        # async function (also behind functools.partial or an async __call__) the call
+        # only creates the coroutine: none of its code runs before the 101. Whether a
+        # plain function returns an awaitable (a decorator's wrapper, a lambda) can only
+        # be known by calling it, so any callable that returns an awaitable is accepted.
+        try:
+            running = result(conn)
+        except Exception:
+            _conn_log(
+                logging.ERROR,
+                conn,
+                "the handler %r raised when called with the connection; answering 500",
+                result,
+                exc_info=True,
+            )
+            _reject(conn, 500, [], b"Internal Server Error")
+            return
+        if not inspect.isawaitable(running):
+            _conn_log(
+                logging.ERROR,
+                conn,
+                "%s; got %r, which returned %r instead of an awaitable",
+                _HANDLER_HINT,
+                result,
+                running,
+            )
+            _reject(conn, 500, [], b"Internal Server Error")
+            return
         try:
             conn._accept(response.headers.raw_items(), sub)
         except ValueError:
-            logger.exception("invalid handshake response")
+            _discard(running)
+            _conn_log(logging.ERROR, conn, "invalid handshake response", exc_info=True)
             _reject(conn, 500, [], b"Internal Server Error")
             return
         request._compact()
-        self._start_handler(result, conn)
+        self._start_handler(running, conn)
 
-    def _start_handler(self, handler: Handler, conn: Connection) -> None:
+    def _start_handler(self, running: Awaitable[Any], conn: Connection) -> None:
         # NOTE: the handler coroutine runs as the task itself, with a done callback for
         # the close, instead of under a wrapper coroutine: one coroutine frame less per
-        # connection (about 0.5 KiB of an idle connection's memory).
+        # connection (about 0.5 KiB of an idle connection's memory). Only an awaitable
+        # that is not a coroutine (rare) needs the wrapper.
         assert self._loop is not None
+        coro = running if asyncio.iscoroutine(running) else _await(running)
         try:
-            task: asyncio.Task[None] = self._loop.create_task(handler(conn))  # type: ignore[arg-type]
+            task: asyncio.Task[None] = self._loop.create_task(coro)
         except Exception:
-            logger.exception(
-                "[%s:%s #%d] handler could not start; closing with 1011",
-                *conn.remote_address,
-                conn.id,
+            _discard(coro)
+            _conn_log(
+                logging.ERROR, conn, "handler could not start; closing with 1011", exc_info=True
             )
             _ = conn.close(1011)
             return
@@ -411,25 +442,60 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
 
+#: What the handshake callable may return, for the error logged when it returned
+#: something else.
+_HANDLER_HINT = "the handshake must return an async function (async def handler(conn)) or None"
+
+
+def _host_port(host: str, port: int) -> str:
+    """``host:port`` as the Rust side prints a socket address (IPv6 in brackets), so that
+    the records from both halves carry the same ``[host:port #id]`` prefix."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _conn_log(
+    level: int,
+    conn: Connection,
+    msg: str,
+    *args: object,
+    exc_info: BaseException | bool | None = None,
+) -> None:
+    """Log ``msg % args`` about ``conn`` with the ``[host:port #id]`` prefix and the
+    ``conn_id``/``remote_address`` record attributes, as the Rust side's records."""
+    if not logger.isEnabledFor(level):
+        return
+    addr = _host_port(*conn.remote_address)
+    logger.log(
+        level,
+        "[%s #%d] " + msg,
+        addr,
+        conn.id,
+        *args,
+        exc_info=exc_info,
+        extra={"conn_id": conn.id, "remote_address": addr},
+    )
+
+
 def _handler_failed(conn: Connection, exc: BaseException) -> None:
     """Called by the connection when its handler raised (it then closes with 1011)."""
-    logger.error(
-        "[%s:%s #%d] handler raised; closing with 1011",
-        *conn.remote_address,
-        conn.id,
-        exc_info=exc,
-    )
+    _conn_log(logging.ERROR, conn, "handler raised; closing with 1011", exc_info=exc)
 
 
 def _reject(conn: Connection, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
     try:
         conn._reject(status, headers, body)
     except ValueError:
-        logger.exception("invalid handshake response")
+        _conn_log(logging.ERROR, conn, "invalid handshake response", exc_info=True)
         conn._reject(500, [], b"Internal Server Error")
     except RuntimeError:
         pass  # already answered
 
 
-async def _await(aw: Any) -> None:
+def _discard(running: object) -> None:
+    """Close a handler coroutine that will never run (no "never awaited" warning)."""
+    if asyncio.iscoroutine(running):
+        running.close()
+
+
+async def _await(aw: Awaitable[Any]) -> None:
     await aw
