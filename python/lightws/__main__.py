@@ -6,6 +6,8 @@
 
 Open http://127.0.0.1:9001/ in a browser for the demo's page. SIGINT/SIGTERM stop
 accepting, close every connection with 1001 (waiting up to close_timeout) and exit 0.
+A configuration mistake (a bad address, an unreadable or mismatched certificate, a port
+in use) prints one ``lightws: error: ...`` line on stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ def _url(scheme: str, address: tuple[str, int], path: str = "/") -> str:
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}{path}"
 
 
+class _StartupError(Exception):
+    """The servers could not start: a configuration error, shown as one line (exit 2)."""
+
+
+def _error(message: object) -> int:
+    # One line, like argparse's own errors, and the same exit status (2): a mistake in
+    # the command line or its files is not worth a traceback.
+    print(f"lightws: error: {message}", file=sys.stderr)
+    return 2
+
+
 async def _serve(
     config: Config, stats_interval: float | None, side: SideServers | None = None
 ) -> int:
@@ -62,12 +75,19 @@ async def _serve(
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
             pass
     async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(Server(config))
+        try:
+            server = await stack.enter_async_context(Server(config))
+            extras = side() if side else []
+            for extra, _ in extras:
+                await stack.enter_async_context(extra)
+        except (ValueError, TypeError, OSError) as e:
+            # Server.start() reports every configuration mistake (bad address, unreadable
+            # or swapped certificate files, a port in use) as one of these.
+            raise _StartupError(e) from e
         tls = bool(config.cert_file)
         print(f"lightws listening on {_url('wss' if tls else 'ws', server.address)}", flush=True)
         print(f"open {_url('https' if tls else 'http', server.address)} in a browser", flush=True)
-        for extra, path in side() if side else []:
-            await stack.enter_async_context(extra)
+        for extra, path in extras:
             # Side servers never upgrade; they answer plain HTTP (http_fallback).
             print(f"HTTP endpoint on {_url('http', extra.address, path)}", flush=True)
 
@@ -187,8 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         return _bench.run(args)
     if bool(args.cert) != bool(args.key):
-        print("--cert and --key go together", file=sys.stderr)
-        return 2
+        return _error("--cert and --key go together")
     level = LogLevel[args.log_level]
     logging.basicConfig(
         level=logging.DEBUG if level == LogLevel.DEBUG else logging.INFO,
@@ -197,8 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handshake, side = _demo(args, level)
     except ValueError as e:
-        print(f"lightws: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     config = Config(
         addr=args.addr,
         handshake=handshake,
@@ -211,14 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     if args.uvloop:
-        import uvloop
-
+        try:
+            import uvloop
+        except ImportError:
+            return _error("--uvloop needs the uvloop package (pip install uvloop)")
         run = uvloop.run
     try:
         return run(_serve(config, args.stats_interval, side))
-    except OSError as e:
-        print(f"lightws: {e}", file=sys.stderr)
-        return 1
+    except _StartupError as e:
+        return _error(e)
 
 
 if __name__ == "__main__":
