@@ -124,6 +124,9 @@ class Server:
         self._closed: asyncio.Future[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._sockets: list[socket.socket] = []
+        #: The Python level of Config.log_level: this server's records below it are
+        #: dropped (see _log).
+        self._level = logging.ERROR
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -143,8 +146,11 @@ class Server:
             raise ValueError(
                 f"Config.log_level must be a lightws.LogLevel, not {cfg.log_level!r}"
             ) from None
-        if logger.level == logging.NOTSET:
-            logger.setLevel(_LEVELS[level])
+        # NOTE: the "lightws" logger's level is left alone: it is the application's, and
+        # two servers with different log levels would fight over it. Each server drops
+        # its own records below its Config.log_level instead (_log; the Rust side does
+        # the same per connection, before a record ever crosses to Python).
+        self._level = _LEVELS[level]
         loop = asyncio.get_running_loop()
         core = _lightws.Core(cfg, self._dispatch, self._log, loop)
         core.start()
@@ -152,9 +158,8 @@ class Server:
         self._core = core
         self._closed = loop.create_future()
         loop.add_reader(core.fd(), core.drain)
-        addr = core.address()
-        logger.info(
-            "lightws listening on %s:%s%s", *(addr or ("?", 0)), " (TLS)" if core.tls else ""
+        self._log_server(
+            logging.INFO, "lightws listening on %s%s", self._where(), " (TLS)" if core.tls else ""
         )
 
     @property
@@ -245,11 +250,12 @@ class Server:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
+        where = self._where()
         loop.remove_reader(core.fd())
         core.shutdown()
         if not self._closed.done():
             self._closed.set_result(None)
-        logger.info("lightws server closed")
+        self._log_server(logging.INFO, "lightws server on %s closed", where)
 
     async def reload_certificates(self) -> None:
         """Re-read ``cert_file``/``key_file``; new TLS handshakes use the new
@@ -303,9 +309,21 @@ class Server:
 
     # -- called from the native core on the loop thread ----------------------------------
 
+    def _where(self) -> str:
+        addr = self._core.address() if self._core is not None else None
+        return _host_port(*addr) if addr else "?"
+
+    def _log_server(self, level: int, msg: str, *args: object) -> None:
+        """Log a record about the server itself, if this server's log_level allows."""
+        if level >= self._level and logger.isEnabledFor(level):
+            logger.log(level, msg, *args)
+
     def _log(self, level: int, conn_id: int | None, addr: str | None, msg: str) -> None:
         pylevel = _LEVELS.get(LogLevel(level), logging.ERROR)
-        if not logger.isEnabledFor(pylevel):
+        # This server's level first (the Rust side already applied it to most records),
+        # then the logger's effective level: the application's logging configuration
+        # still decides what is shown.
+        if pylevel < self._level or not logger.isEnabledFor(pylevel):
             return
         extra = {"conn_id": conn_id, "remote_address": addr}
         if conn_id is not None:
