@@ -1645,18 +1645,14 @@ impl Core {
         self.srv.tls.is_some()
     }
 
-    /// Counters as a dict: totals plus `rates` (per second over the last 30 s).
+    /// Counters as a dict: totals plus `rates` (per second over the last 30 s, or
+    /// since start if younger, at least over 1 s: see stats.rs).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (now, base, elapsed) = self.srv.stats.snapshot_with_rates();
+        let window = self.srv.stats.window();
+        let (now, base) = (&window.now, &window.base);
         let d = PyDict::new(py);
         let rates = PyDict::new(py);
-        let rate = |a: u64, b: u64| {
-            if elapsed > 0.0 {
-                a.saturating_sub(b) as f64 / elapsed
-            } else {
-                0.0
-            }
-        };
+        let rate = |a: u64, b: u64| window.rate(a, b);
         d.set_item("connections", now.connections)?;
         d.set_item("max_connections", now.max_connections)?;
         let io = self.srv.cfg.io_statistics;
@@ -1692,7 +1688,7 @@ impl Core {
         rates.set_item("frames_in", rin)?;
         rates.set_item("frames_out", rout)?;
         d.set_item("rates", rates)?;
-        d.set_item("rate_window", elapsed)?;
+        d.set_item("rate_window", window.span)?;
         Ok(d)
     }
 }

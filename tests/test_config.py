@@ -12,7 +12,7 @@ from typing import Any
 import lightws
 import pytest
 import trustme
-from conftest import echo_handshake, serve, url
+from conftest import echo_handshake, eventually, serve, url
 from rawws import BINARY, RawWebSocket, build_frame
 from websockets.asyncio.client import connect
 
@@ -273,3 +273,14 @@ async def test_clients_vanishing_mid_handshake_do_not_disturb_the_server() -> No
         async with connect(url(server)) as ws:
             await ws.send("unbothered")
             assert await asyncio.wait_for(ws.recv(), 5) == "unbothered"
+
+
+async def test_rates_right_after_start_are_not_divided_by_milliseconds() -> None:
+    async with serve() as server:
+        async with connect(url(server)):
+            pass
+        await eventually(lambda: server.stats().handshakes == 1)
+        rate = server.stats().rates.handshakes
+    # One handshake within the first second is a rate of 1/s (less if this machine took
+    # longer than a second to get here), never 1 / (a few ms).
+    assert 0.0 < rate <= 1.0, rate

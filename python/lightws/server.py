@@ -31,7 +31,15 @@ _LEVELS = {
 
 @dataclass(frozen=True)
 class Rates:
-    """Per-second rates of the cumulative counters over the last 30 seconds."""
+    """Per-second rates of the cumulative counters over the last 30 seconds.
+
+    Each rate is the counter's growth divided by the span it grew over: the last 30 s
+    (up to 31: the server samples its counters once a second), or the time since the
+    server started while that is shorter, but never less than one second. So a server
+    younger than a second reports its counts as the rate of its first second (one
+    handshake 8 ms after start is 1.0/s, not 125/s), and rates are never inflated by a
+    short span.
+    """
 
     #: Completed handshakes per second.
     handshakes: float = 0.0
@@ -75,7 +83,8 @@ class Stats:
     frames_in: dict[Opcode, int] = field(default_factory=dict)
     #: Frames sent, per opcode.
     frames_out: dict[Opcode, int] = field(default_factory=dict)
-    #: Per-second rates of the counters over the last 30 seconds.
+    #: Per-second rates of the counters over the last 30 seconds (see :class:`Rates`
+    #: for a server younger than that).
     rates: Rates = field(default_factory=Rates)
 
     def __str__(self) -> str:
@@ -273,7 +282,8 @@ class Server:
     # -- introspection -----------------------------------------------------------------
 
     def stats(self) -> Stats:
-        """A snapshot of the counters, with rates over the last 30 seconds."""
+        """A snapshot of the counters, with rates over the last 30 seconds (since start
+        if the server is younger, but at least over one second: see :class:`Rates`)."""
         d = self._require_core().stats()
         r = d["rates"]
         return Stats(
