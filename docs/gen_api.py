@@ -42,7 +42,6 @@ GROUPS: list[tuple[str, list[str]]] = [
             "ConnectionClosed",
             "ConnectionClosedOK",
             "ConnectionClosedError",
-            "InvalidHandshake",
             "ProtocolError",
             "PayloadTooBig",
         ],

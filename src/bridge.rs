@@ -41,6 +41,8 @@ struct PyApi {
     opcodes: Vec<Option<Py<PyAny>>>,
     closed_ok: Py<PyAny>,
     closed_error: Py<PyAny>,
+    protocol_error: Py<PyAny>,
+    payload_too_big: Py<PyAny>,
     reader: Py<PyAny>,
     writer: Py<PyAny>,
     closed_base: Py<PyAny>,
@@ -66,6 +68,8 @@ fn api(py: Python<'_>) -> PyResult<&PyApi> {
             opcodes,
             closed_ok: exc.getattr("ConnectionClosedOK")?.unbind(),
             closed_error: exc.getattr("ConnectionClosedError")?.unbind(),
+            protocol_error: exc.getattr("ProtocolError")?.unbind(),
+            payload_too_big: exc.getattr("PayloadTooBig")?.unbind(),
             reader: streaming.getattr("MessageReader")?.unbind(),
             writer: streaming.getattr("MessageWriter")?.unbind(),
             closed_base: exc.getattr("ConnectionClosed")?.unbind(),
@@ -80,10 +84,15 @@ fn api(py: Python<'_>) -> PyResult<&PyApi> {
 fn closed_exception(py: Python<'_>, info: &CloseInfo) -> PyErr {
     match api(py) {
         Ok(api) => {
-            let cls = if matches!(info.code, 1000 | 1001) {
-                &api.closed_ok
-            } else {
-                &api.closed_error
+            // RFC 6455 7.4.1: 1002 protocol error and 1007 invalid data are what lightws
+            // closes with when the peer breaks the protocol, 1009 when its message is over
+            // max_msg_len (a peer may close with them too). Both classes subclass
+            // ConnectionClosedError.
+            let cls = match info.code {
+                1000 | 1001 => &api.closed_ok,
+                1002 | 1007 => &api.protocol_error,
+                1009 => &api.payload_too_big,
+                _ => &api.closed_error,
             };
             match cls.call1(py, (info.code, info.reason.as_str())) {
                 Ok(obj) => PyErr::from_value(obj.into_bound(py)),

@@ -7,6 +7,7 @@ import inspect
 import logging
 import os
 import socket
+import warnings
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,7 +162,14 @@ class Server:
         # the same per connection, before a record ever crosses to Python).
         self._level = _LEVELS[level]
         loop = asyncio.get_running_loop()
-        core = _lightws.Core(cfg, self._dispatch, self._log, loop)
+        core = _lightws.Core(cfg, self._dispatch, self._log, loop)  # checks every field
+        if cfg.ws_write_buffer != Config.ws_write_buffer:
+            warnings.warn(
+                "Config.ws_write_buffer has no effect (frames go straight into each "
+                "connection's outbox, sized to need) and will be removed",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         core.start()
         self._loop = loop
         self._core = core
