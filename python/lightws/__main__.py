@@ -5,7 +5,8 @@
     python -m lightws push      --addr 127.0.0.1:9001 --put-addr 127.0.0.1:9002
 
 Open http://127.0.0.1:9001/ in a browser for the demo's page. SIGINT/SIGTERM stop
-accepting, close every connection with 1001 (waiting up to close_timeout) and exit 0.
+accepting, close every connection with 1001 (waiting up to --close-timeout) and exit 0;
+a second SIGINT/SIGTERM during that wait aborts it (connections dropped, exit 0 too).
 A configuration mistake (a bad address, an unreadable or mismatched certificate, a port
 in use) prints one ``lightws: error: ...`` line on stderr and exits 2.
 """
@@ -17,12 +18,12 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import Config, HandshakeFunc, LogLevel, Server, _bench
+from ._run import ShutdownOnSignals
 from .demos import PushRegistry, countdown_handshake, echo_handshake
 
 __all__ = ["main"]
@@ -64,17 +65,16 @@ def _error(message: object) -> int:
     return 2
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 async def _serve(
     config: Config, stats_interval: float | None, side: SideServers | None = None
 ) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
-            pass
+    shutdown = ShutdownOnSignals(_say)
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(shutdown)  # first: a signal during startup is not lost
         try:
             server = await stack.enter_async_context(Server(config))
             extras = side() if side else []
@@ -98,10 +98,13 @@ async def _serve(
                 print(server.stats(), flush=True)
 
         reporter = asyncio.ensure_future(report()) if stats_interval else None
-        await stop.wait()
-        if reporter:
-            reporter.cancel()
-        print("lightws: shutting down", flush=True)
+        try:
+            # The first signal closes the side servers and the main one together; a
+            # second aborts what remains of that.
+            await shutdown.serve([*(extra for extra, _ in extras), server])
+        finally:
+            if reporter:
+                reporter.cancel()
     return 0
 
 
@@ -122,6 +125,14 @@ def _common_options() -> argparse.ArgumentParser:
         "--max-msg-len", type=int, default=16 << 20, help="bytes (default %(default)s)"
     )
     common.add_argument("--threads", type=int, default=1, help="I/O threads (default 1)")
+    common.add_argument(
+        "--close-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on shutdown, wait this long for clients to answer the close "
+        "(default %(default)s; a second SIGINT/SIGTERM stops waiting)",
+    )
     common.add_argument(
         "--stats-interval",
         type=float,
@@ -226,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_msg_len=args.max_msg_len,
         log_level=level,
         threads=args.threads,
+        close_timeout=args.close_timeout,
     )
     run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     if args.uvloop:

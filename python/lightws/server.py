@@ -244,6 +244,27 @@ class Server:
             self._closing = asyncio.ensure_future(self._close())
         await asyncio.shield(self._closing)
 
+    def abort(self) -> None:
+        """Stop at once: stop accepting, drop every connection without a close handshake
+        (their clients see 1006) and cancel the handler tasks and pending handshakes.
+
+        Does not wait: a :meth:`close` in progress (one held up by clients that do not
+        answer within ``close_timeout``, say) then returns promptly, and ``await
+        server.close()`` after ``abort()`` finishes stopping. This is what a second
+        SIGINT/SIGTERM does under :func:`lightws.run`."""
+        core = self._core
+        if core is None or self._closed is None or self._closed.done():
+            return
+        core.stop_accepting()
+        conns = core.connections()
+        # A handler's task ending cancelled aborts its connection too (Connection
+        # _handler_done); conn.abort() covers connections whose handler has ended.
+        for conn in conns:
+            conn.abort()
+        handlers = [t for c in conns if (t := c._handler_task) is not None]
+        for t in [*self._tasks, *handlers]:
+            t.cancel()
+
     async def _close(self) -> None:
         core = self._core
         loop = self._loop
