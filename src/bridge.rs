@@ -54,6 +54,8 @@ struct PyApi {
     opcodes: Vec<Option<Py<PyAny>>>,
     closed_ok: Py<PyAny>,
     closed_error: Py<PyAny>,
+    protocol_error: Py<PyAny>,
+    payload_too_big: Py<PyAny>,
     reader: Py<PyAny>,
     writer: Py<PyAny>,
     closed_base: Py<PyAny>,
@@ -79,6 +81,8 @@ fn api(py: Python<'_>) -> PyResult<&PyApi> {
             opcodes,
             closed_ok: exc.getattr("ConnectionClosedOK")?.unbind(),
             closed_error: exc.getattr("ConnectionClosedError")?.unbind(),
+            protocol_error: exc.getattr("ProtocolError")?.unbind(),
+            payload_too_big: exc.getattr("PayloadTooBig")?.unbind(),
             reader: streaming.getattr("MessageReader")?.unbind(),
             writer: streaming.getattr("MessageWriter")?.unbind(),
             closed_base: exc.getattr("ConnectionClosed")?.unbind(),
@@ -94,10 +98,15 @@ fn closed_exception(py: Python<'_>, info: &CloseInfo) -> PyErr {
     assert_unlocked("building ConnectionClosed");
     match api(py) {
         Ok(api) => {
-            let cls = if matches!(info.code, 1000 | 1001) {
-                &api.closed_ok
-            } else {
-                &api.closed_error
+            // RFC 6455 7.4.1: 1002 protocol error and 1007 invalid data are what lightws
+            // closes with when the peer breaks the protocol, 1009 when its message is over
+            // max_msg_len (a peer may close with them too). Both classes subclass
+            // ConnectionClosedError.
+            let cls = match info.code {
+                1000 | 1001 => &api.closed_ok,
+                1002 | 1007 => &api.protocol_error,
+                1009 => &api.payload_too_big,
+                _ => &api.closed_error,
             };
             match cls.call1(py, (info.code, info.reason.as_str())) {
                 Ok(obj) => PyErr::from_value(obj.into_bound(py)),
@@ -2019,18 +2028,14 @@ impl Core {
         self.srv.tls.is_some()
     }
 
-    /// Counters as a dict: totals plus `rates` (per second over the last 30 s).
+    /// Counters as a dict: totals plus `rates` (per second over the last 30 s, or
+    /// since start if younger, at least over 1 s: see stats.rs).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (now, base, elapsed) = self.srv.stats.snapshot_with_rates();
+        let window = self.srv.stats.window();
+        let (now, base) = (&window.now, &window.base);
         let d = PyDict::new(py);
         let rates = PyDict::new(py);
-        let rate = |a: u64, b: u64| {
-            if elapsed > 0.0 {
-                a.saturating_sub(b) as f64 / elapsed
-            } else {
-                0.0
-            }
-        };
+        let rate = |a: u64, b: u64| window.rate(a, b);
         d.set_item("connections", now.connections)?;
         d.set_item("max_connections", now.max_connections)?;
         let io = self.srv.cfg.io_statistics;
@@ -2066,7 +2071,7 @@ impl Core {
         rates.set_item("frames_in", rin)?;
         rates.set_item("frames_out", rout)?;
         d.set_item("rates", rates)?;
-        d.set_item("rate_window", elapsed)?;
+        d.set_item("rate_window", window.span)?;
         Ok(d)
     }
 }
