@@ -40,12 +40,13 @@ use crate::conn::{
     describe_frame, CloseInfo, ConnConfig, ConnShared, InMsg, Inbox, Part, ABNORMAL_CLOSURE,
     LOG_DEBUG,
 };
-use crate::frame::{self, OpCode};
+use crate::frame::{self, OpCode, Role};
 use crate::handshake;
 use crate::hub::{Event, HandshakeEvent, Hub, Reply};
 use crate::lockcheck::{assert_unlocked, ConnMutex};
 use crate::security::{IpLimiter, IpNet, OriginPolicy};
 use crate::server::{self, ServerConfig, ServerShared};
+use crate::session::SessionConfig;
 use crate::stats::{Stats, OPCODES};
 use crate::tls::{self, CertStore, TlsError};
 
@@ -1688,14 +1689,20 @@ fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
         ));
     }
     let conn = ConnConfig {
-        max_msg_len: max_msg_len as u64,
+        session: Arc::new(SessionConfig {
+            role: Role::Server,
+            max_msg_len: max_msg_len as u64,
+            close_timeout,
+            auto_pong: get(cfg, "auto_pong")?,
+            ping_interval: seconds(cfg, "ping_interval", false)?,
+            ping_timeout: seconds(cfg, "ping_timeout", false)?,
+            idle_timeout: seconds(cfg, "idle_timeout", false)?,
+            // A peer that does not read what we write (pongs to a ping flood, echoes)
+            // gets no more of its input read: our unwritten output stays bounded.
+            max_backlog: 2 * write_limit + 64 * 1024,
+        }),
         ws_read_buffer: size(cfg, "ws_read_buffer", 16)?,
         ws_write_buffer: size(cfg, "ws_write_buffer", 16)?,
-        close_timeout,
-        auto_pong: get(cfg, "auto_pong")?,
-        ping_interval: seconds(cfg, "ping_interval", false)?,
-        ping_timeout: seconds(cfg, "ping_timeout", false)?,
-        idle_timeout: seconds(cfg, "idle_timeout", false)?,
         write_limit,
         inbox_limit: max_msg_len.clamp(64 * 1024, 4 * 1024 * 1024).max(64 * 1024),
         log_level: log_level as u8,

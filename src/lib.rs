@@ -15,6 +15,7 @@ pub mod loadgen;
 pub mod lockcheck;
 pub mod security;
 pub mod server;
+pub mod session;
 pub mod stats;
 pub mod tls;
 

@@ -596,14 +596,18 @@ mod size_tests {
         ServerConfig {
             addr: "127.0.0.1:0".into(),
             conn: Arc::new(ConnConfig {
-                max_msg_len: 1 << 20,
+                session: Arc::new(crate::session::SessionConfig {
+                    role: crate::frame::Role::Server,
+                    max_msg_len: 1 << 20,
+                    close_timeout: Duration::from_secs(1),
+                    auto_pong: true,
+                    ping_interval: None,
+                    ping_timeout: None,
+                    idle_timeout: None,
+                    max_backlog: 3 << 16,
+                }),
                 ws_read_buffer: 4096,
                 ws_write_buffer: 4096,
-                close_timeout: Duration::from_secs(1),
-                auto_pong: true,
-                ping_interval: None,
-                ping_timeout: None,
-                idle_timeout: None,
                 write_limit: 1 << 16,
                 inbox_limit: 1 << 16,
                 log_level: 0,
@@ -665,6 +669,7 @@ mod size_tests {
             };
             let driver_phase = std::mem::size_of_val(&up.run());
             let driver = std::mem::size_of::<Driver<TcpStream>>();
+            eprintln!("task future {task} B, driver phase {driver_phase} B, driver {driver} B");
             assert!(task <= 320, "task future {task} B");
             assert!(
                 driver_phase <= driver + 128,
