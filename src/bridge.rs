@@ -36,17 +36,14 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString, PyTuple};
 use tokio::sync::{oneshot, watch};
 
-use crate::conn::{
-    describe_frame, CloseInfo, ConnConfig, ConnShared, InMsg, Inbox, Part, ABNORMAL_CLOSURE,
-    LOG_DEBUG,
-};
 use crate::frame::{self, OpCode, Role};
 use crate::handshake;
-use crate::hub::{Event, HandshakeEvent, Hub, Reply};
 use crate::lockcheck::{assert_unlocked, ConnMutex};
 use crate::security::{IpLimiter, IpNet, OriginPolicy};
 use crate::server::{self, ServerConfig, ServerShared};
 use crate::session::SessionConfig;
+use crate::session::{describe_frame, CloseInfo, LogLevel, Part, ABNORMAL_CLOSURE};
+use crate::shared::{ConnConfig, ConnShared, Event, EventHub, HandshakeEvent, InMsg, Inbox, Reply};
 use crate::stats::{Stats, OPCODES};
 use crate::tls::{self, CertStore, TlsError};
 
@@ -1018,9 +1015,9 @@ impl Connection {
             self.shared.waker.wake();
         }
         self.shared.stats.frame_out(op);
-        if cfg.log_level >= LOG_DEBUG {
+        if cfg.log_level >= LogLevel::Debug {
             self.shared
-                .log(LOG_DEBUG, || describe_frame("send", op, data));
+                .log(LogLevel::Debug, || describe_frame("send", op, data));
         }
         Ok(over)
     }
@@ -1386,8 +1383,8 @@ impl Connection {
                 reason: reason.to_owned(),
             });
             self.shared.stats.frame_out(OpCode::Close);
-            if self.shared.cfg.log_level >= LOG_DEBUG {
-                self.shared.log(LOG_DEBUG, || {
+            if self.shared.cfg.log_level >= LogLevel::Debug {
+                self.shared.log(LogLevel::Debug, || {
                     format!("send CLOSE code={code} reason={reason:?}")
                 });
             }
@@ -1587,7 +1584,7 @@ impl Connection {
 #[pyclass(module = "lightws._lightws", frozen)]
 pub struct Core {
     srv: Arc<ServerShared>,
-    hub: Arc<Hub>,
+    hub: Arc<EventHub>,
     event_loop: Py<PyAny>,
     dispatch: Py<PyAny>,
     log: Py<PyAny>,
@@ -1705,7 +1702,7 @@ fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
         ws_write_buffer: size(cfg, "ws_write_buffer", 16)?,
         write_limit,
         inbox_limit: max_msg_len.clamp(64 * 1024, 4 * 1024 * 1024).max(64 * 1024),
-        log_level: log_level as u8,
+        log_level: LogLevel::from_u8(log_level as u8).expect("checked above"),
         io_statistics: get(cfg, "io_statistics")?,
     };
     let backlog = size(cfg, "backlog", 1)?.min(65535) as i32;
@@ -1814,7 +1811,12 @@ impl Core {
         );
         if let Err(e) = r {
             // The dispatcher itself failed (a bug, not the user's callback): answer 500.
-            self.emit_log(py, 0, None, &format!("handshake dispatch failed: {e}"));
+            self.emit_log(
+                py,
+                LogLevel::Error,
+                None,
+                &format!("handshake dispatch failed: {e}"),
+            );
             let _ = obj.get().reply(Reply::Respond {
                 status: 500,
                 headers: Vec::new(),
@@ -1824,12 +1826,18 @@ impl Core {
         Ok(())
     }
 
-    fn emit_log(&self, py: Python<'_>, level: u8, conn: Option<(u64, SocketAddr)>, msg: &str) {
+    fn emit_log(
+        &self,
+        py: Python<'_>,
+        level: LogLevel,
+        conn: Option<(u64, SocketAddr)>,
+        msg: &str,
+    ) {
         let (id, addr) = match conn {
             Some((id, a)) => (Some(id).filter(|i| *i != 0), Some(a.to_string())),
             None => (None, None),
         };
-        if let Err(e) = self.log.call1(py, (level, id, addr, msg)) {
+        if let Err(e) = self.log.call1(py, (level as u8, id, addr, msg)) {
             e.write_unraisable(py, None);
         }
     }
@@ -1872,7 +1880,7 @@ impl Core {
         event_loop: Py<PyAny>,
     ) -> PyResult<Self> {
         let cfg = build_config(config)?;
-        let hub = Arc::new(Hub::new().map_err(|e| PyOSError::new_err(e.to_string()))?);
+        let hub = Arc::new(EventHub::new().map_err(|e| PyOSError::new_err(e.to_string()))?);
         let tls = match (&cfg.cert_file, &cfg.key_file) {
             (Some(c), Some(k)) => {
                 let store = CertStore::load(c, k).map_err(tls_err)?;

@@ -16,6 +16,7 @@ pub mod lockcheck;
 pub mod security;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod stats;
 pub mod tls;
 
