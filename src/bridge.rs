@@ -36,16 +36,14 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString, PyTuple};
 use tokio::sync::{oneshot, watch};
 
-use crate::conn::{
-    describe_frame, CloseInfo, ConnConfig, ConnShared, InMsg, Inbox, Part, ABNORMAL_CLOSURE,
-    LOG_DEBUG,
-};
-use crate::frame::{self, OpCode};
+use crate::frame::{self, OpCode, Role};
 use crate::handshake;
-use crate::hub::{Event, HandshakeEvent, Hub, Reply};
 use crate::lockcheck::{assert_unlocked, ConnMutex};
 use crate::security::{IpLimiter, IpNet, OriginPolicy};
 use crate::server::{self, ServerConfig, ServerShared};
+use crate::session::SessionConfig;
+use crate::session::{describe_frame, CloseInfo, LogLevel, Part, ABNORMAL_CLOSURE};
+use crate::shared::{ConnConfig, ConnShared, Event, EventHub, HandshakeEvent, InMsg, Inbox, Reply};
 use crate::stats::{Stats, OPCODES};
 use crate::tls::{self, CertStore, TlsError};
 
@@ -54,6 +52,8 @@ struct PyApi {
     opcodes: Vec<Option<Py<PyAny>>>,
     closed_ok: Py<PyAny>,
     closed_error: Py<PyAny>,
+    protocol_error: Py<PyAny>,
+    payload_too_big: Py<PyAny>,
     reader: Py<PyAny>,
     writer: Py<PyAny>,
     closed_base: Py<PyAny>,
@@ -79,6 +79,8 @@ fn api(py: Python<'_>) -> PyResult<&PyApi> {
             opcodes,
             closed_ok: exc.getattr("ConnectionClosedOK")?.unbind(),
             closed_error: exc.getattr("ConnectionClosedError")?.unbind(),
+            protocol_error: exc.getattr("ProtocolError")?.unbind(),
+            payload_too_big: exc.getattr("PayloadTooBig")?.unbind(),
             reader: streaming.getattr("MessageReader")?.unbind(),
             writer: streaming.getattr("MessageWriter")?.unbind(),
             closed_base: exc.getattr("ConnectionClosed")?.unbind(),
@@ -94,10 +96,15 @@ fn closed_exception(py: Python<'_>, info: &CloseInfo) -> PyErr {
     assert_unlocked("building ConnectionClosed");
     match api(py) {
         Ok(api) => {
-            let cls = if matches!(info.code, 1000 | 1001) {
-                &api.closed_ok
-            } else {
-                &api.closed_error
+            // RFC 6455 7.4.1: 1002 protocol error and 1007 invalid data are what lightws
+            // closes with when the peer breaks the protocol, 1009 when its message is over
+            // max_msg_len (a peer may close with them too). Both classes subclass
+            // ConnectionClosedError.
+            let cls = match info.code {
+                1000 | 1001 => &api.closed_ok,
+                1002 | 1007 => &api.protocol_error,
+                1009 => &api.payload_too_big,
+                _ => &api.closed_error,
             };
             match cls.call1(py, (info.code, info.reason.as_str())) {
                 Ok(obj) => PyErr::from_value(obj.into_bound(py)),
@@ -1008,9 +1015,9 @@ impl Connection {
             self.shared.waker.wake();
         }
         self.shared.stats.frame_out(op);
-        if cfg.log_level >= LOG_DEBUG {
+        if cfg.log_level >= LogLevel::Debug {
             self.shared
-                .log(LOG_DEBUG, || describe_frame("send", op, data));
+                .log(LogLevel::Debug, || describe_frame("send", op, data));
         }
         Ok(over)
     }
@@ -1376,8 +1383,8 @@ impl Connection {
                 reason: reason.to_owned(),
             });
             self.shared.stats.frame_out(OpCode::Close);
-            if self.shared.cfg.log_level >= LOG_DEBUG {
-                self.shared.log(LOG_DEBUG, || {
+            if self.shared.cfg.log_level >= LogLevel::Debug {
+                self.shared.log(LogLevel::Debug, || {
                     format!("send CLOSE code={code} reason={reason:?}")
                 });
             }
@@ -1577,7 +1584,7 @@ impl Connection {
 #[pyclass(module = "lightws._lightws", frozen)]
 pub struct Core {
     srv: Arc<ServerShared>,
-    hub: Arc<Hub>,
+    hub: Arc<EventHub>,
     event_loop: Py<PyAny>,
     dispatch: Py<PyAny>,
     log: Py<PyAny>,
@@ -1679,17 +1686,23 @@ fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
         ));
     }
     let conn = ConnConfig {
-        max_msg_len: max_msg_len as u64,
+        session: Arc::new(SessionConfig {
+            role: Role::Server,
+            max_msg_len: max_msg_len as u64,
+            close_timeout,
+            auto_pong: get(cfg, "auto_pong")?,
+            ping_interval: seconds(cfg, "ping_interval", false)?,
+            ping_timeout: seconds(cfg, "ping_timeout", false)?,
+            idle_timeout: seconds(cfg, "idle_timeout", false)?,
+            // A peer that does not read what we write (pongs to a ping flood, echoes)
+            // gets no more of its input read: our unwritten output stays bounded.
+            max_backlog: 2 * write_limit + 64 * 1024,
+        }),
         ws_read_buffer: size(cfg, "ws_read_buffer", 16)?,
         ws_write_buffer: size(cfg, "ws_write_buffer", 16)?,
-        close_timeout,
-        auto_pong: get(cfg, "auto_pong")?,
-        ping_interval: seconds(cfg, "ping_interval", false)?,
-        ping_timeout: seconds(cfg, "ping_timeout", false)?,
-        idle_timeout: seconds(cfg, "idle_timeout", false)?,
         write_limit,
         inbox_limit: max_msg_len.clamp(64 * 1024, 4 * 1024 * 1024).max(64 * 1024),
-        log_level: log_level as u8,
+        log_level: LogLevel::from_u8(log_level as u8).expect("checked above"),
         io_statistics: get(cfg, "io_statistics")?,
     };
     let backlog = size(cfg, "backlog", 1)?.min(65535) as i32;
@@ -1798,7 +1811,12 @@ impl Core {
         );
         if let Err(e) = r {
             // The dispatcher itself failed (a bug, not the user's callback): answer 500.
-            self.emit_log(py, 0, None, &format!("handshake dispatch failed: {e}"));
+            self.emit_log(
+                py,
+                LogLevel::Error,
+                None,
+                &format!("handshake dispatch failed: {e}"),
+            );
             let _ = obj.get().reply(Reply::Respond {
                 status: 500,
                 headers: Vec::new(),
@@ -1808,12 +1826,18 @@ impl Core {
         Ok(())
     }
 
-    fn emit_log(&self, py: Python<'_>, level: u8, conn: Option<(u64, SocketAddr)>, msg: &str) {
+    fn emit_log(
+        &self,
+        py: Python<'_>,
+        level: LogLevel,
+        conn: Option<(u64, SocketAddr)>,
+        msg: &str,
+    ) {
         let (id, addr) = match conn {
             Some((id, a)) => (Some(id).filter(|i| *i != 0), Some(a.to_string())),
             None => (None, None),
         };
-        if let Err(e) = self.log.call1(py, (level, id, addr, msg)) {
+        if let Err(e) = self.log.call1(py, (level as u8, id, addr, msg)) {
             e.write_unraisable(py, None);
         }
     }
@@ -1856,7 +1880,7 @@ impl Core {
         event_loop: Py<PyAny>,
     ) -> PyResult<Self> {
         let cfg = build_config(config)?;
-        let hub = Arc::new(Hub::new().map_err(|e| PyOSError::new_err(e.to_string()))?);
+        let hub = Arc::new(EventHub::new().map_err(|e| PyOSError::new_err(e.to_string()))?);
         let tls = match (&cfg.cert_file, &cfg.key_file) {
             (Some(c), Some(k)) => {
                 let store = CertStore::load(c, k).map_err(tls_err)?;
@@ -2019,18 +2043,14 @@ impl Core {
         self.srv.tls.is_some()
     }
 
-    /// Counters as a dict: totals plus `rates` (per second over the last 30 s).
+    /// Counters as a dict: totals plus `rates` (per second over the last 30 s, or
+    /// since start if younger, at least over 1 s: see stats.rs).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (now, base, elapsed) = self.srv.stats.snapshot_with_rates();
+        let window = self.srv.stats.window();
+        let (now, base) = (&window.now, &window.base);
         let d = PyDict::new(py);
         let rates = PyDict::new(py);
-        let rate = |a: u64, b: u64| {
-            if elapsed > 0.0 {
-                a.saturating_sub(b) as f64 / elapsed
-            } else {
-                0.0
-            }
-        };
+        let rate = |a: u64, b: u64| window.rate(a, b);
         d.set_item("connections", now.connections)?;
         d.set_item("max_connections", now.max_connections)?;
         let io = self.srv.cfg.io_statistics;
@@ -2066,7 +2086,7 @@ impl Core {
         rates.set_item("frames_in", rin)?;
         rates.set_item("frames_out", rout)?;
         d.set_item("rates", rates)?;
-        d.set_item("rate_window", elapsed)?;
+        d.set_item("rate_window", window.span)?;
         Ok(d)
     }
 }

@@ -2,11 +2,12 @@
 //!
 //! Module map (docs/architecture.md): `frame` and `handshake` are pure codecs, `security`
 //! the pure admission rules (origins, proxies, per-address counts), all three in the
-//! `lightws-proto` crate (crates/lightws-proto); `conn` drives one connection on tokio;
-//! `server` owns the listener and TLS; `hub` carries events from tokio to the asyncio
-//! loop; `bridge` is the Python-facing side; `bench` (only with the `loadgen` feature)
-//! exposes the load generator of crates/lightws-loadgen. This file only registers the
-//! Python classes.
+//! `lightws-proto` crate (crates/lightws-proto); `session` holds one connection's
+//! protocol rules (sans I/O) and `conn` drives it on tokio; `shared` is what a
+//! connection's task and its Python object share; `server` owns the listener and TLS;
+//! `hub` carries events from tokio to the asyncio loop; `bridge` is the Python-facing
+//! side; `bench` (only with the `loadgen` feature) exposes the load generator of
+//! crates/lightws-loadgen. This file only registers the Python classes.
 
 // The pure modules moved to crates/lightws-proto (so fuzz/ and the codec benchmarks
 // build without tokio and pyo3). Re-exported under their old names so that
@@ -21,6 +22,8 @@ pub mod conn;
 pub mod hub;
 pub mod lockcheck;
 pub mod server;
+pub mod session;
+pub mod shared;
 pub mod stats;
 pub mod tls;
 

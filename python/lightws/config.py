@@ -14,7 +14,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Config", "Handler", "HandshakeFunc"]
 
-#: A per-connection handler: ``async def handler(conn: Connection) -> None``.
+#: A per-connection handler: ``async def handler(conn: Connection) -> None``. Any
+#: callable whose call returns an awaitable works (``functools.partial`` of an async
+#: function, an object with ``async def __call__``); it is called just before the 101
+#: is sent, and one that raises or returns something else is answered with 500.
 Handler = Callable[["Connection"], Awaitable[None]]
 
 #: The handshake callable: ``(request, response) -> Handler | None``, sync or async.
@@ -54,11 +57,16 @@ class Config:
     #: Initial read size for frames (min 16); buffers grow to need and are released
     #: when the connection is idle. Default 4096.
     ws_read_buffer: int = 4096
-    #: Write buffer hint for frames (min 16). Default 4096.
+    #: Deprecated, no effect: lightws has no fixed-size frame write buffer (frames are
+    #: encoded straight into each connection's outbox, which grows to need and is
+    #: released once written). Still checked (min 16); a value other than the default
+    #: 4096 warns with DeprecationWarning at start. Will be removed.
     ws_write_buffer: int = 4096
     #: Count connections currently reading / writing in ``stats()``. Default False.
     io_statistics: bool = False
-    #: Level of the ``"lightws"`` logger's messages; DEBUG logs every frame.
+    #: What this server logs to the ``"lightws"`` logger; DEBUG logs every frame. A
+    #: filter per server: the logger's own level (never set by lightws) and handlers
+    #: still apply, so INFO/DEBUG records also need logging configured at that level.
     log_level: LogLevel = LogLevel.ERROR
     #: Seconds to complete the TLS handshake and receive the HTTP request. Default 3.
     handshake_read_timeout: float = 3.0
