@@ -13,7 +13,7 @@
 // build without tokio and pyo3). Re-exported under their old names so that
 // `crate::frame::...`, `crate::handshake::...` and `crate::security::...` keep
 // working in this crate, including code written before the move.
-pub use lightws_proto::{frame, handshake, security};
+pub use lightws_proto::{frame, handshake, security, session};
 
 #[cfg(feature = "loadgen")]
 pub mod bench;
@@ -22,7 +22,6 @@ pub mod conn;
 pub mod hub;
 pub mod lockcheck;
 pub mod server;
-pub mod session;
 pub mod shared;
 pub mod stats;
 pub mod tls;

@@ -6,6 +6,8 @@
 //!   `Sec-WebSocket-Accept` computation a client checks).
 //! - [`security`]: admission rules (allowed origins, trusted proxies, per-address
 //!   connection counts).
+//! - [`session`]: one connection's protocol state, sans I/O (close handshake,
+//!   failing, ping/pong and keepalive, assembly, limits), for either role.
 //!
 //! Nothing here touches a socket, a runtime or Python: this crate depends on
 //! neither tokio nor pyo3 (`.ci/run` checks with `cargo tree`), so the fuzz
@@ -16,3 +18,4 @@
 pub mod frame;
 pub mod handshake;
 pub mod security;
+pub mod session;
