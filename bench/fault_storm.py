@@ -855,6 +855,45 @@ class Client:
         if outcome != "close":
             self.storm.fail(f"clean echo: close handshake ended with {outcome}")
 
+    async def clean_stream(self) -> None:
+        """Well-behaved streaming: our fragmented messages through the server's
+        conn.reader() (it answers each with the length it counted), or one message
+        from its conn.writer() (whose length we check)."""
+        rng = self.rng
+        if rng.random() < 0.5:
+            peer = await self.open(path("reader", rng))
+            if not peer:
+                return
+            self.fault("clean_stream/reader")
+            for _ in range(rng.randrange(1, 5)):
+                sizes = [rng.randrange(0, 100_000) for _ in range(rng.randrange(1, 6))]
+                for i, size in enumerate(sizes):
+                    op = BINARY if i == 0 else CONT
+                    await peer.send(op, b"f" * size, fin=i == len(sizes) - 1)
+                ev = await peer.read_until(lambda e: e.kind in ("message", "close"), WAIT + 10)
+                if ev is None or ev.kind != "message" or ev.payload != str(sum(sizes)).encode():
+                    got = None if ev is None else (ev.kind, ev.payload[:20])
+                    self.storm.fail(f"reader counted {got} for a {sum(sizes)} B message")
+                    peer.rst()
+                    return
+                self.storm.echoed += 1
+        else:
+            n, size = rng.randrange(1, 20), rng.choice([1, 1000, 64 << 10, 100_000])
+            peer = await self.open(path("writer", rng, n=n, size=size))
+            if not peer:
+                return
+            self.fault("clean_stream/writer")
+            ev = await peer.read_until(lambda e: e.kind in ("message", "close"), WAIT + 10)
+            if ev is None or ev.kind != "message" or len(ev.payload) != n * size:
+                got = None if ev is None else (ev.kind, len(ev.payload))
+                self.storm.fail(f"writer of {n} x {size} B arrived as {got}")
+                peer.rst()
+                return
+            self.storm.echoed += 1
+        outcome = await peer.close_handshake(1000)
+        if outcome != "close":
+            self.storm.fail(f"clean stream: close handshake ended with {outcome}")
+
     async def issue9(self) -> None:
         """Issue 9 exactly: 1 MiB messages with a 2 s wait_for; never read, then close."""
         rng = self.rng
@@ -882,6 +921,7 @@ KINDS: dict[str, float] = {
     "close_abort": 1.0,
     "handler_raises": 0.5,
     "clean_echo": 1.5,
+    "clean_stream": 1.0,
     "issue9": 0.5,
 }
 
@@ -975,7 +1015,7 @@ class StormReport:
         )
         lines.append(
             f"  leaked connections: {self.leaked_connections}, handlers still running: "
-            f"{self.handlers_running}, clean echoes verified: {self.echoed}"
+            f"{self.handlers_running}, clean echoes/streams verified: {self.echoed}"
         )
         if self.server_stats:
             s = self.server_stats
