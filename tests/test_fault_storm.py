@@ -13,15 +13,20 @@ Nothing else here is timed: every other wait is generous, for loaded CI machines
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import importlib.util
 import os
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
 
+import lightws
 import pytest
-from rawws import upgrade_request
+from conftest import serve
+from rawws import RawWebSocket, upgrade_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
@@ -113,3 +118,54 @@ def test_never_reading_peer_cannot_stall_the_loop(loop: str, tmp_path: Path) -> 
     finally:
         prober.done.set()
         server.kill()
+
+
+# -- what the storm found, pinned down -------------------------------------------------------
+
+
+async def test_a_deferred_send_cancelled_after_it_was_queued_logs_nothing() -> None:
+    """A send queued behind a fragmented one, whose sender gives up (cancelled) after
+    the connection took it over, then fails because the peer vanished: nobody awaits
+    that failure any more, and asyncio must not log "Future exception was never
+    retrieved" for it (found by the fault storm as an ERROR line in the server log)."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    cancelled = asyncio.Event()
+    finished = asyncio.Event()
+
+    async def handler(conn: lightws.Connection) -> None:
+        try:
+            first = asyncio.ensure_future(conn.send(b"a" * (1 << 20)))  # fragmented
+            await asyncio.sleep(0)
+            second = conn.send(b"b" * (16 << 20))  # waits for the first one
+            await first  # now the second is the connection's (fragmented) send
+            second.cancel()  # the sender gives up on it
+            cancelled.set()
+            await conn.recv()
+        except lightws.ConnectionClosed:
+            pass
+        finally:
+            finished.set()
+
+    def handshake(request: lightws.Request, response: lightws.Response) -> object:
+        return handler
+
+    try:
+        async with serve(handshake, write_limit=64 * 1024) as server:
+            ws = await RawWebSocket.connect(server.port)
+            _, body = await ws.recv_message(30)
+            assert len(body) == 1 << 20
+            ws.writer.transport.pause_reading()  # type: ignore[attr-defined]
+            await asyncio.wait_for(cancelled.wait(), 30)
+            sock = ws.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.writer.transport.abort()  # RST: the second send fails
+            await asyncio.wait_for(finished.wait(), 30)
+            for _ in range(3):
+                await asyncio.sleep(0.05)
+                gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert not reported, [str(c.get("message")) for c in reported]

@@ -23,12 +23,15 @@ def _chain(source: Awaitable[Any], target: asyncio.Future[Any]) -> None:
     """Complete ``target`` like ``source`` (used by the native send queue)."""
 
     def done(f: asyncio.Future[Any]) -> None:
+        # Retrieve the outcome even when nobody waits for it any more (the sender was
+        # cancelled): else asyncio logs "Future exception was never retrieved".
+        exc = None if f.cancelled() else f.exception()
         if target.done():
             return
         if f.cancelled():
             target.cancel()
-        elif f.exception() is not None:
-            target.set_exception(f.exception())  # type: ignore[arg-type]
+        elif exc is not None:
+            target.set_exception(exc)
         else:
             target.set_result(None)
 
