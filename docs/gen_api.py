@@ -31,7 +31,7 @@ import lightws.streaming
 OUT = Path(__file__).with_name("api.md")
 
 GROUPS: list[tuple[str, list[str]]] = [
-    ("Server and configuration", ["Server", "Config", "Stats", "Rates"]),
+    ("Server and configuration", ["run", "Server", "Config", "Stats", "Rates"]),
     ("Handshake", ["HandshakeFunc", "Handler", "Request", "Response", "Headers"]),
     ("Connections and messages", ["Connection", "Message"]),
     ("Constants", ["Opcode", "CloseCode", "LogLevel"]),
@@ -42,7 +42,6 @@ GROUPS: list[tuple[str, list[str]]] = [
             "ConnectionClosed",
             "ConnectionClosedOK",
             "ConnectionClosedError",
-            "InvalidHandshake",
             "ProtocolError",
             "PayloadTooBig",
         ],

@@ -4,13 +4,11 @@ ws://127.0.0.1:9001/echo (``?reverse=1`` reverses each message).
 
 ``http_fallback=True`` shows plain HTTP requests to the same handshake callable
 (``request.upgrade`` is False): it answers ``GET /echo`` with the demo page from
-:mod:`lightws.demos`. Ctrl-C closes every client with 1001.
+:mod:`lightws.demos`. Ctrl-C or SIGTERM closes every client with 1001 and exits 0
+(a second one drops the clients that have not answered yet).
 """
 
 from __future__ import annotations
-
-import asyncio
-import contextlib
 
 import lightws
 from lightws.demos import answer_http
@@ -35,15 +33,9 @@ def handshake(request: lightws.Request, response: lightws.Response) -> lightws.H
     return handler
 
 
-async def main() -> None:
+if __name__ == "__main__":
+    print("open http://127.0.0.1:9001/echo in a browser")
     config = lightws.Config(
         addr="127.0.0.1:9001", handshake=handshake, http_fallback=True, max_msg_len=16 << 20
     )
-    async with lightws.Server(config) as server:
-        print(f"open http://127.0.0.1:{server.port}/echo in a browser")
-        await server.serve_forever()
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    lightws.run(config)  # until Ctrl-C or SIGTERM

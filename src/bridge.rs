@@ -4,22 +4,33 @@
 //! Everything here runs on the event-loop thread with the GIL held. Tokio threads only
 //! push events into the hub (hub.rs) and never call into this module.
 //!
+//! Every coroutine method of `Connection` returns an [`Op`], an awaitable with the
+//! coroutine protocol (accepted by `create_task`, `gather`, `wait_for`, ...).
+//!
 //! Hot paths:
-//! - `recv()` with a message already queued returns a completed awaitable ([`Ready`]):
-//!   no future, no loop round-trip. Otherwise it returns an `asyncio.Future` that
-//!   `drain` completes. A cancelled future never consumed a message, so cancelling a
-//!   pending `recv()` loses nothing.
+//! - `recv()` takes a message when first resumed: with one queued it completes without
+//!   suspending (no future, no loop round-trip). Otherwise it waits on an
+//!   `asyncio.Future` that `drain` completes. A cancelled receive gives back a message
+//!   it had already been handed, so cancelling a pending `recv()` loses nothing.
 //! - `send()` encodes the frame straight into the connection's outbox (one copy), wakes
 //!   the connection task only if the outbox was empty, and returns a shared completed
 //!   awaitable unless more than `write_limit` bytes are queued.
+//! - Operations that complete without suspending yield to the loop once every
+//!   FAIR_BUDGET of them, so a handler draining a burst cannot starve other tasks.
+//!
+//! Lock discipline (lockcheck.rs, docs/architecture.md): a connection lock (`st`,
+//! `inbox`, `outbox`) is held only to move values in or out: never two at once, never
+//! across a call into Python or the drop of a Python object.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyStopIteration, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString, PyTuple};
@@ -32,6 +43,8 @@ use crate::conn::{
 use crate::frame::{self, OpCode};
 use crate::handshake;
 use crate::hub::{Event, HandshakeEvent, Hub, Reply};
+use crate::lockcheck::{assert_unlocked, ConnMutex};
+use crate::security::{IpLimiter, IpNet, OriginPolicy};
 use crate::server::{self, ServerConfig, ServerShared};
 use crate::stats::{Stats, OPCODES};
 use crate::tls::{self, CertStore, TlsError};
@@ -41,6 +54,8 @@ struct PyApi {
     opcodes: Vec<Option<Py<PyAny>>>,
     closed_ok: Py<PyAny>,
     closed_error: Py<PyAny>,
+    protocol_error: Py<PyAny>,
+    payload_too_big: Py<PyAny>,
     reader: Py<PyAny>,
     writer: Py<PyAny>,
     closed_base: Py<PyAny>,
@@ -66,6 +81,8 @@ fn api(py: Python<'_>) -> PyResult<&PyApi> {
             opcodes,
             closed_ok: exc.getattr("ConnectionClosedOK")?.unbind(),
             closed_error: exc.getattr("ConnectionClosedError")?.unbind(),
+            protocol_error: exc.getattr("ProtocolError")?.unbind(),
+            payload_too_big: exc.getattr("PayloadTooBig")?.unbind(),
             reader: streaming.getattr("MessageReader")?.unbind(),
             writer: streaming.getattr("MessageWriter")?.unbind(),
             closed_base: exc.getattr("ConnectionClosed")?.unbind(),
@@ -78,12 +95,18 @@ fn api(py: Python<'_>) -> PyResult<&PyApi> {
 }
 
 fn closed_exception(py: Python<'_>, info: &CloseInfo) -> PyErr {
+    assert_unlocked("building ConnectionClosed");
     match api(py) {
         Ok(api) => {
-            let cls = if matches!(info.code, 1000 | 1001) {
-                &api.closed_ok
-            } else {
-                &api.closed_error
+            // RFC 6455 7.4.1: 1002 protocol error and 1007 invalid data are what lightws
+            // closes with when the peer breaks the protocol, 1009 when its message is over
+            // max_msg_len (a peer may close with them too). Both classes subclass
+            // ConnectionClosedError.
+            let cls = match info.code {
+                1000 | 1001 => &api.closed_ok,
+                1002 | 1007 => &api.protocol_error,
+                1009 => &api.payload_too_big,
+                _ => &api.closed_error,
             };
             match cls.call1(py, (info.code, info.reason.as_str())) {
                 Ok(obj) => PyErr::from_value(obj.into_bound(py)),
@@ -95,89 +118,248 @@ fn closed_exception(py: Python<'_>, info: &CloseInfo) -> PyErr {
 }
 
 // ---------------------------------------------------------------------------------------
-// Ready: a completed awaitable.
+// Op: what the Connection methods return.
 
-/// An awaitable that is already complete: awaiting it returns its value (or raises its
-/// error) without suspending.
+/// How many operations on one connection may complete without suspending before one of
+/// them yields to the event loop once (see [`Connection::tick`]).
+///
+/// NOTE: with messages already queued, `recv()` and a `send()` below `write_limit`
+/// complete at once, so a handler draining a burst never let other tasks run. Yielding
+/// once every 32 such operations bounds that to a few hundred microseconds while the
+/// extra loop iteration costs about 1/32 of a `call_soon` per message (measured in
+/// BENCHMARKS.md, "Fairness").
+const FAIR_BUDGET: u32 = 32;
+
+/// What an [`Op`] does when it is next resumed.
+enum OpState {
+    /// Complete with None (stateless: one shared instance serves every such send).
+    Nothing,
+    /// Yield to the event loop once, then complete with None.
+    YieldOnce,
+    /// Receive the next message (or chunk) when first resumed; `yielded` once the
+    /// fairness yield (if any) is behind it.
+    Receive {
+        conn: Py<Connection>,
+        want: Want,
+        yielded: bool,
+    },
+    /// Waiting for an asyncio future that the bridge completes.
+    Wait { fut: Py<PyAny>, kind: WaitKind },
+    /// Finished (resumed after completion: returns None).
+    Finished,
+}
+
+/// What an abandoned [`Op`] must undo if its future had already been completed.
+enum WaitKind {
+    /// Nothing to undo (send drained, close finished, deferred send queued).
+    Plain,
+    /// A received message or chunk: returned to the connection, so that cancelling a
+    /// `recv()` loses nothing even when the message had already been handed over.
+    Receive(Py<Connection>, Want),
+    /// The writer slot: released again.
+    Writer(Py<Connection>),
+}
+
+/// The awaitable every `Connection` coroutine method returns.
+///
+/// It has the coroutine protocol (`send`, `throw`, `close`, `__await__`), so it is
+/// accepted wherever a coroutine is: `await`, `asyncio.create_task`, `gather`,
+/// `wait_for`, `shield`, `asyncio.timeout`. Completed operations finish without
+/// suspending; pending ones yield an asyncio future to the task, like `Future.__await__`.
+/// Nothing is taken from the connection until the awaitable is first resumed, and a
+/// cancelled or abandoned one gives back what it had been handed.
 #[pyclass(module = "lightws._lightws")]
-pub struct Ready {
-    value: Option<Py<PyAny>>,
-    error: Option<PyErr>,
+pub struct Op {
+    state: OpState,
+}
+
+impl Op {
+    fn new(state: OpState) -> Self {
+        Self { state }
+    }
+
+    fn into_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(Py::new(py, self)?.into_any())
+    }
+
+    /// Yield `fut` to the running task (the protocol of `asyncio.Future.__await__`).
+    fn yield_future(py: Python<'_>, fut: &Py<PyAny>) -> PyResult<Option<Py<PyAny>>> {
+        assert_unlocked("yielding a future");
+        fut.setattr(py, intern!(py, "_asyncio_future_blocking"), true)?;
+        Ok(Some(fut.clone_ref(py)))
+    }
+
+    /// The coroutine's step: `Ok(Some(x))` yields x, `Err(StopIteration(v))` returns v.
+    fn step(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        loop {
+            match std::mem::replace(&mut self.state, OpState::Finished) {
+                OpState::Nothing => {
+                    self.state = OpState::Nothing;
+                    return Err(PyStopIteration::new_err((py.None(),)));
+                }
+                OpState::Finished => return Err(PyStopIteration::new_err((py.None(),))),
+                OpState::YieldOnce => return Ok(Some(py.None())),
+                OpState::Receive {
+                    conn,
+                    want,
+                    yielded,
+                } => {
+                    if !yielded && conn.get().tick() {
+                        self.state = OpState::Receive {
+                            conn,
+                            want,
+                            yielded: true,
+                        };
+                        return Ok(Some(py.None()));
+                    }
+                    match conn.get().receive_now(py, want)? {
+                        Received::Value(v) => return Err(PyStopIteration::new_err((v,))),
+                        Received::Error(e) => return Err(e),
+                        Received::Wait(fut) => {
+                            self.state = OpState::Wait {
+                                fut,
+                                kind: WaitKind::Receive(conn, want),
+                            };
+                        }
+                    }
+                }
+                OpState::Wait { fut, kind } => {
+                    if !is_done(py, &fut)? {
+                        let y = Self::yield_future(py, &fut);
+                        self.state = OpState::Wait { fut, kind };
+                        return y;
+                    }
+                    // The task resumed us: the future is complete. result() raises its
+                    // exception (ConnectionClosed, CancelledError) if it has one.
+                    let v = fut.call_method0(py, intern!(py, "result"))?;
+                    return Err(PyStopIteration::new_err((v,)));
+                }
+            }
+        }
+    }
+
+    /// The operation is given up before its result was delivered: cancel what is
+    /// pending, give back what was already handed over.
+    fn abandon(&mut self, py: Python<'_>) {
+        let state = std::mem::replace(&mut self.state, OpState::Finished);
+        if let OpState::Nothing = state {
+            self.state = OpState::Nothing;
+            return;
+        }
+        let OpState::Wait { fut, kind } = state else {
+            return;
+        };
+        let r: PyResult<()> = (|| {
+            if !is_done(py, &fut)? {
+                fut.call_method0(py, intern!(py, "cancel"))?;
+                return Ok(());
+            }
+            if fut
+                .call_method0(py, intern!(py, "cancelled"))?
+                .is_truthy(py)?
+                || !fut.call_method0(py, intern!(py, "exception"))?.is_none(py)
+            {
+                return Ok(());
+            }
+            match kind {
+                WaitKind::Plain => {}
+                WaitKind::Receive(conn, want) => {
+                    let v = fut.call_method0(py, intern!(py, "result"))?;
+                    conn.get().put_back(v, want);
+                }
+                WaitKind::Writer(conn) => conn.get().writer_end(py)?,
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            e.write_unraisable(py, None);
+        }
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        // An awaitable dropped while waiting (its task was destroyed, or it was never
+        // resumed after its future completed) must not keep the receive slot or the
+        // writer slot, nor lose a message handed to it. A send dropped unawaited is
+        // left alone: like one that completed at once, its message still goes out.
+        if let OpState::Wait {
+            kind: WaitKind::Receive(..) | WaitKind::Writer(..),
+            ..
+        } = self.state
+        {
+            Python::attach(|py| self.abandon(py));
+        }
+    }
 }
 
 #[pymethods]
-impl Ready {
+impl Op {
     fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
         slf
     }
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
         slf
     }
-    fn __next__(&mut self, py: Python<'_>) -> PyResult<()> {
-        if let Some(e) = self.error.take() {
-            return Err(e);
-        }
-        let v = self.value.take().unwrap_or_else(|| py.None());
-        Err(PyStopIteration::new_err((v,)))
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        self.step(py)
     }
-    fn send(&mut self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.__next__(py)
+    fn send(&mut self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
+        self.step(py)
     }
     #[pyo3(signature = (typ, val=None, _tb=None))]
     fn throw(
         &mut self,
+        py: Python<'_>,
         typ: &Bound<'_, PyAny>,
         val: Option<&Bound<'_, PyAny>>,
         _tb: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<()> {
+    ) -> PyResult<Option<Py<PyAny>>> {
+        self.abandon(py);
         let exc = match val {
             Some(v) if !v.is_none() => v.clone(),
             _ => typ.clone(),
         };
         Err(PyErr::from_value(exc))
     }
-    fn close(&mut self) {
-        self.value = None;
-        self.error = None;
+    fn close(&mut self, py: Python<'_>) {
+        self.abandon(py);
     }
 }
 
-static DONE: PyOnceLock<Py<Ready>> = PyOnceLock::new();
+static DONE: PyOnceLock<Py<Op>> = PyOnceLock::new();
 
 /// The shared completed awaitable that returns None (stateless, so one serves all).
 fn done(py: Python<'_>) -> PyResult<Py<PyAny>> {
-    let r = DONE.get_or_try_init(py, || {
-        Py::new(
-            py,
-            Ready {
-                value: None,
-                error: None,
-            },
-        )
-    })?;
+    let r = DONE.get_or_try_init(py, || Py::new(py, Op::new(OpState::Nothing)))?;
     Ok(r.clone_ref(py).into_any())
 }
 
-fn ready_value(py: Python<'_>, value: Py<PyAny>) -> PyResult<Py<PyAny>> {
-    Ok(Py::new(
-        py,
-        Ready {
-            value: Some(value),
-            error: None,
-        },
-    )?
-    .into_any())
+fn op_wait(py: Python<'_>, fut: Py<PyAny>, kind: WaitKind) -> PyResult<Py<PyAny>> {
+    Op::new(OpState::Wait { fut, kind }).into_py(py)
 }
 
-fn ready_error(py: Python<'_>, err: PyErr) -> PyResult<Py<PyAny>> {
-    Ok(Py::new(
-        py,
-        Ready {
-            value: None,
-            error: Some(err),
-        },
-    )?
-    .into_any())
+// -- asyncio futures: every call goes through these, with no connection lock held -----
+
+fn is_done(py: Python<'_>, fut: &Py<PyAny>) -> PyResult<bool> {
+    assert_unlocked("future.done()");
+    fut.call_method0(py, intern!(py, "done"))?.is_truthy(py)
+}
+
+/// Complete `fut` with `value` unless it is already done (cancelled by its waiter).
+fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: Py<PyAny>) -> PyResult<()> {
+    if !is_done(py, fut)? {
+        fut.call_method1(py, intern!(py, "set_result"), (value,))?;
+    }
+    Ok(())
+}
+
+/// Fail `fut` with `err` unless it is already done.
+fn reject(py: Python<'_>, fut: &Py<PyAny>, err: PyErr) -> PyResult<()> {
+    if !is_done(py, fut)? {
+        fut.call_method1(py, intern!(py, "set_exception"), (err.into_value(py),))?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -326,6 +508,7 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 }
 
 fn make_message(py: Python<'_>, m: InMsg) -> PyResult<Py<PyAny>> {
+    assert_unlocked("building a Message");
     let body = PyBytes::new(py, &m.data).unbind();
     drop(m.data);
     Ok(Py::new(
@@ -338,16 +521,22 @@ fn make_message(py: Python<'_>, m: InMsg) -> PyResult<Py<PyAny>> {
     .into_any())
 }
 
+/// The `lightws.Opcode` member for `op` (None for an unknown one).
+fn opcode_object(py: Python<'_>, op: u8) -> PyResult<Py<PyAny>> {
+    Ok(api(py)?.opcodes[op as usize]
+        .as_ref()
+        .map(|o| o.clone_ref(py))
+        .unwrap_or_else(|| py.None()))
+}
+
 /// `(opcode, chunk, fin)` for `conn.reader()`.
 fn make_chunk(py: Python<'_>, m: InMsg) -> PyResult<Py<PyAny>> {
     let fin = match m.part {
         Part::Whole => true,
         Part::Chunk { fin } => fin,
     };
-    let op = api(py)?.opcodes[m.opcode.as_u8() as usize]
-        .as_ref()
-        .map(|o| o.clone_ref(py))
-        .unwrap_or_else(|| py.None());
+    assert_unlocked("building a chunk");
+    let op = opcode_object(py, m.opcode.as_u8())?;
     let body = PyBytes::new(py, &m.data);
     Ok((op, body, fin).into_pyobject(py)?.into_any().unbind())
 }
@@ -391,23 +580,35 @@ struct Deferred {
 
 /// A message larger than `write_limit` going out one fragment per drain, so that a slow
 /// or stalled peer holds at most about two fragments of it in user space.
+///
+/// Its fragments keep going when the `send()` that started it is cancelled: the frames
+/// already written cannot be taken back, and another data frame may not start before
+/// the final one (RFC 6455 5.4). A close ends it.
 struct LargeSend {
     fut: Py<PyAny>,
     payload: Payload,
     offset: usize,
 }
 
+/// The loop thread's state of a connection (behind `Connection::st`).
+///
+/// Only the loop thread touches it, but Python can re-enter a method while another is
+/// running (a future callback, `__del__`): so it is only ever locked to move values in
+/// or out, never across a call into Python (lockcheck.rs).
 #[derive(Default)]
 struct PyState {
     /// The pending receive future and what it waits for.
     recv: Option<(Py<PyAny>, Want)>,
+    /// A message (or chunk) a cancelled receive had already been handed: the next
+    /// receive returns it first.
+    putback: Option<(Py<PyAny>, Want)>,
     writer_active: bool,
     /// The asyncio task running the handler (lightws.server starts it).
     handler: Option<Py<PyAny>>,
     large: Option<LargeSend>,
-    deferred: std::collections::VecDeque<Deferred>,
+    deferred: VecDeque<Deferred>,
     /// `conn.writer()`s waiting for the connection to be free of other fragmented sends.
-    writer_waiters: std::collections::VecDeque<Py<PyAny>>,
+    writer_waiters: VecDeque<Py<PyAny>>,
     drains: Vec<Py<PyAny>>,
     closers: Vec<Py<PyAny>>,
     reply: Option<oneshot::Sender<Reply>>,
@@ -423,168 +624,266 @@ struct PyState {
 #[pyclass(module = "lightws", frozen, name = "Connection", weakref)]
 pub struct Connection {
     shared: Arc<ConnShared>,
-    st: Mutex<PyState>,
+    st: ConnMutex<PyState>,
+    /// Operations completed without suspending since the last suspension (fairness).
+    immediate: AtomicU32,
     event_loop: Py<PyAny>,
     request: OnceLock<Py<PyAny>>,
     subprotocol: OnceLock<Option<String>>,
 }
 
+/// What the inbox holds for a receive, taken under its lock (no Python there).
+enum Popped {
+    Msg(InMsg),
+    Closed(CloseInfo),
+    /// The next message is being streamed: only `reader()` may take it.
+    Streaming,
+    /// Nothing yet; `waiting` is set so the next message pushes `Event::Readable`.
+    Empty,
+}
+
+/// What a receive got.
+enum Received {
+    Value(Py<PyAny>),
+    Error(PyErr),
+    Wait(Py<PyAny>),
+}
+
+/// Whether a data message can go out now (see `Connection::send_data`).
+enum Slot {
+    Free,
+    Busy,
+    Finished,
+}
+
 impl Connection {
     fn create_future(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        assert_unlocked("loop.create_future()");
         self.event_loop
-            .call_method0(py, pyo3::intern!(py, "create_future"))
+            .call_method0(py, intern!(py, "create_future"))
     }
 
-    fn closed_error_now(&self, py: Python<'_>) -> PyErr {
-        let info = {
-            let inbox = self.shared.inbox.lock();
-            inbox.closed.clone()
-        };
-        let info = info
-            .or_else(|| self.st.lock().sent_close.clone())
-            .unwrap_or(CloseInfo {
-                code: ABNORMAL_CLOSURE,
-                reason: String::new(),
-            });
-        closed_exception(py, &info)
-    }
-
-    /// What is ready for `want` right now: Some(value or error), or None to wait.
-    fn take_ready(
-        &self,
-        py: Python<'_>,
-        inbox: &mut Inbox,
-        want: Want,
-    ) -> Option<PyResult<Py<PyAny>>> {
-        let part = match inbox.queue.front() {
-            Some(m) => m.part,
-            None => {
-                let info = inbox.closed.clone()?;
-                let anext = matches!(want, Want::Message { anext: true });
-                return Some(Err(end_error(py, &info, anext)));
-            }
-        };
-        if want != Want::Chunk && part != Part::Whole {
-            return Some(Err(PyRuntimeError::new_err(
-                "the next message is being streamed to conn.reader(); read it there",
-            )));
+    /// Count an operation that completes without suspending; true when it should yield
+    /// to the event loop once first (every FAIR_BUDGET of them).
+    fn tick(&self) -> bool {
+        let n = self.immediate.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= FAIR_BUDGET {
+            self.immediate.store(0, Ordering::Relaxed);
+            return true;
         }
-        let m = inbox.queue.pop_front()?;
-        inbox.bytes -= m.data.len();
-        self.shared.resume_if_paused(inbox);
-        Some(match want {
-            Want::Chunk => make_chunk(py, m),
-            Want::Message { .. } => make_message(py, m),
+        false
+    }
+
+    /// An operation suspended: the loop ran other tasks anyway.
+    fn untick(&self) {
+        self.immediate.store(0, Ordering::Relaxed);
+    }
+
+    /// The awaitable for an operation that completed now (a fairness yield first, now
+    /// and then).
+    fn completed(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        if self.tick() {
+            Op::new(OpState::YieldOnce).into_py(py)
+        } else {
+            done(py)
+        }
+    }
+
+    /// The awaitable for an operation that completes when `fut` does.
+    fn pending(&self, py: Python<'_>, fut: Py<PyAny>, kind: WaitKind) -> PyResult<Py<PyAny>> {
+        self.untick();
+        op_wait(py, fut, kind)
+    }
+
+    fn close_info(&self) -> CloseInfo {
+        let received = self.shared.inbox.lock().closed.clone();
+        let sent = || self.st.lock().sent_close.clone();
+        received.or_else(sent).unwrap_or(CloseInfo {
+            code: ABNORMAL_CLOSURE,
+            reason: String::new(),
         })
     }
 
-    fn receive(&self, py: Python<'_>, want: Want) -> PyResult<Py<PyAny>> {
-        let mut inbox = self.shared.inbox.lock();
-        if let Some(r) = self.take_ready(py, &mut inbox, want) {
-            drop(inbox);
-            return match r {
-                Ok(v) => ready_value(py, v),
-                Err(e) => ready_error(py, e),
-            };
+    fn closed_error_now(&self, py: Python<'_>) -> PyErr {
+        let info = self.close_info();
+        closed_exception(py, &info)
+    }
+
+    /// Take what is ready for `want` from the inbox (under its lock: no Python).
+    fn pop(&self, inbox: &mut Inbox, want: Want) -> Popped {
+        let part = match inbox.queue.front() {
+            Some(m) => m.part,
+            None => {
+                return match &inbox.closed {
+                    Some(info) => Popped::Closed(info.clone()),
+                    None => {
+                        // Under the inbox lock: a message that lands after this sees
+                        // `waiting` and pushes Event::Readable, so no wake-up is lost.
+                        inbox.waiting = true;
+                        Popped::Empty
+                    }
+                };
+            }
+        };
+        if want != Want::Chunk && part != Part::Whole {
+            return Popped::Streaming;
         }
-        let mut st = self.st.lock();
-        if let Some((f, _)) = &st.recv {
-            if !f
-                .call_method0(py, pyo3::intern!(py, "done"))?
-                .is_truthy(py)?
-            {
+        let Some(m) = inbox.queue.pop_front() else {
+            return Popped::Empty;
+        };
+        inbox.bytes -= m.data.len();
+        self.shared.resume_if_paused(inbox);
+        Popped::Msg(m)
+    }
+
+    /// Turn what was popped into the receive's value or error (Python, no lock held).
+    fn deliver(&self, py: Python<'_>, popped: Popped, want: Want) -> PyResult<Option<Received>> {
+        Ok(Some(match popped {
+            Popped::Msg(m) => Received::Value(match want {
+                Want::Chunk => make_chunk(py, m)?,
+                Want::Message { .. } => make_message(py, m)?,
+            }),
+            Popped::Closed(info) => Received::Error(end_error(
+                py,
+                &info,
+                matches!(want, Want::Message { anext: true }),
+            )),
+            Popped::Streaming => Received::Error(streaming_error()),
+            Popped::Empty => return Ok(None),
+        }))
+    }
+
+    /// A message a cancelled receive had been handed, if it suits `want`.
+    fn take_putback(&self, py: Python<'_>, want: Want) -> PyResult<Option<Received>> {
+        let taken = self.st.lock().putback.take();
+        let Some((v, got)) = taken else {
+            return Ok(None);
+        };
+        Ok(Some(match (got, want) {
+            (Want::Message { .. }, Want::Message { .. }) | (Want::Chunk, Want::Chunk) => {
+                Received::Value(v)
+            }
+            // A whole message asked for by reader(): one chunk, the last.
+            (Want::Message { .. }, Want::Chunk) => {
+                let m = v.bind(py).cast::<Message>()?.get();
+                let op = opcode_object(py, m.opcode)?;
+                Received::Value(
+                    (op, m.body.clone_ref(py), true)
+                        .into_pyobject(py)?
+                        .into_any()
+                        .unbind(),
+                )
+            }
+            (Want::Chunk, Want::Message { .. }) => {
+                // Still streaming: leave the chunk for reader().
+                let old = self.st.lock().putback.replace((v, got));
+                drop(old);
+                Received::Error(streaming_error())
+            }
+        }))
+    }
+
+    /// Give back a message (or chunk) a cancelled receive had already been handed.
+    fn put_back(&self, value: Py<PyAny>, want: Want) {
+        let old = self.st.lock().putback.replace((value, want));
+        // Two cancelled receives cannot both hold one: the second would have been
+        // handed this one first.
+        debug_assert!(old.is_none());
+        drop(old);
+    }
+
+    /// Receive now: a value, an error, or a future that `on_readable` completes.
+    fn receive_now(&self, py: Python<'_>, want: Want) -> PyResult<Received> {
+        let prev = self.st.lock().recv.take();
+        if let Some((f, w)) = prev {
+            if !is_done(py, &f)? {
+                let old = self.st.lock().recv.replace((f, w));
+                drop(old);
                 return Err(PyRuntimeError::new_err(
                     "cannot call recv() while another coroutine is already waiting for the \
                      next message on this connection",
                 ));
             }
+            drop(f); // cancelled: its message (if any) is still queued
         }
-        // Still under the inbox lock: a message that lands after this line sees
-        // `waiting` and pushes Event::Readable, so the wake-up cannot be lost.
-        inbox.waiting = true;
-        drop(inbox);
+        if let Some(r) = self.take_putback(py, want)? {
+            return Ok(r);
+        }
+        let popped = self.pop(&mut self.shared.inbox.lock(), want);
+        if let Some(r) = self.deliver(py, popped, want)? {
+            return Ok(r);
+        }
         let fut = self.create_future(py)?;
-        st.recv = Some((fut.clone_ref(py), want));
-        Ok(fut)
+        let old = self.st.lock().recv.replace((fut.clone_ref(py), want));
+        drop(old);
+        self.untick();
+        Ok(Received::Wait(fut))
+    }
+
+    fn receive(slf: &Bound<'_, Self>, want: Want) -> PyResult<Py<PyAny>> {
+        Op::new(OpState::Receive {
+            conn: slf.clone().unbind(),
+            want,
+            yielded: false,
+        })
+        .into_py(slf.py())
     }
 
     /// Event::Readable: complete the pending receive future if it is still wanted.
     fn on_readable(&self, py: Python<'_>) -> PyResult<()> {
-        let (fut, want) = match self.st.lock().recv.take() {
-            Some(w) => w,
-            None => return Ok(()),
+        let taken = self.st.lock().recv.take();
+        let Some((fut, want)) = taken else {
+            return Ok(());
         };
-        if fut
-            .call_method0(py, pyo3::intern!(py, "done"))?
-            .is_truthy(py)?
-        {
+        if is_done(py, &fut)? {
             // Cancelled: the message stays queued for the next recv().
             return Ok(());
         }
-        let mut inbox = self.shared.inbox.lock();
-        match self.take_ready(py, &mut inbox, want) {
-            Some(Ok(v)) => {
-                drop(inbox);
-                fut.call_method1(py, pyo3::intern!(py, "set_result"), (v,))?;
-            }
-            Some(Err(e)) => {
-                drop(inbox);
-                fut.call_method1(py, pyo3::intern!(py, "set_exception"), (e.into_value(py),))?;
-            }
-            None => {
-                inbox.waiting = true;
-                drop(inbox);
-                self.st.lock().recv = Some((fut, want));
+        let popped = self.pop(&mut self.shared.inbox.lock(), want);
+        match self.deliver(py, popped, want)? {
+            Some(Received::Value(v)) => resolve(py, &fut, v),
+            Some(Received::Error(e)) => reject(py, &fut, e),
+            Some(Received::Wait(_)) | None => {
+                let old = self.st.lock().recv.replace((fut, want));
+                drop(old);
+                Ok(())
             }
         }
-        Ok(())
     }
 
     fn on_drained(&self, py: Python<'_>) -> PyResult<()> {
         self.continue_large(py)?;
         let drains = std::mem::take(&mut self.st.lock().drains);
         for f in drains {
-            if !f
-                .call_method0(py, pyo3::intern!(py, "done"))?
-                .is_truthy(py)?
-            {
-                f.call_method1(py, pyo3::intern!(py, "set_result"), (py.None(),))?;
-            }
+            resolve(py, &f, py.None())?;
         }
         Ok(())
     }
 
     fn on_closed(&self, py: Python<'_>) -> PyResult<()> {
-        let (closers, drains) = {
+        let (closers, mut waiting, reply, deferred, large) = {
             let mut st = self.st.lock();
             st.finished = true;
-            st.reply = None;
-            let mut drains = std::mem::take(&mut st.drains);
-            drains.extend(st.deferred.drain(..).map(|d| d.fut));
-            drains.extend(st.large.take().map(|l| l.fut));
-            drains.extend(st.writer_waiters.drain(..));
-            (std::mem::take(&mut st.closers), drains)
+            (
+                std::mem::take(&mut st.closers),
+                std::mem::take(&mut st.drains),
+                st.reply.take(),
+                std::mem::take(&mut st.deferred),
+                st.large.take(),
+            )
         };
+        drop(reply);
+        waiting.extend(deferred.into_iter().map(|d| d.fut));
+        waiting.extend(large.map(|l| l.fut));
+        let writers = std::mem::take(&mut self.st.lock().writer_waiters);
+        waiting.extend(writers);
         self.on_readable(py)?;
         for f in closers {
-            if !f
-                .call_method0(py, pyo3::intern!(py, "done"))?
-                .is_truthy(py)?
-            {
-                f.call_method1(py, pyo3::intern!(py, "set_result"), (py.None(),))?;
-            }
+            resolve(py, &f, py.None())?;
         }
-        for f in drains {
-            if !f
-                .call_method0(py, pyo3::intern!(py, "done"))?
-                .is_truthy(py)?
-            {
-                let err = self.closed_error_now(py);
-                f.call_method1(
-                    py,
-                    pyo3::intern!(py, "set_exception"),
-                    (err.into_value(py),),
-                )?;
+        for f in waiting {
+            if !is_done(py, &f)? {
+                reject(py, &f, self.closed_error_now(py))?;
             }
         }
         Ok(())
@@ -597,8 +896,8 @@ impl Connection {
 
     /// Send one message; returns the awaitable for `send()`.
     fn send_payload(&self, py: Python<'_>, op: OpCode, payload: Payload) -> PyResult<Py<PyAny>> {
-        let data = payload.as_bytes(py)?;
         if op.is_control() {
+            let data = payload.as_bytes(py)?;
             if data.len() > frame::MAX_CONTROL_PAYLOAD {
                 return Err(PyValueError::new_err(format!(
                     "control frame payload is {} bytes; RFC 6455 allows at most 125",
@@ -608,30 +907,62 @@ impl Connection {
             // Control frames may go between the fragments of a message (RFC 6455 5.4).
             return self.enqueue_frame(py, op, data, true);
         }
-        let mut st = self.st.lock();
-        if st.writer_active || st.large.is_some() {
+        let busy = {
+            let st = self.st.lock();
+            st.writer_active || st.large.is_some() || !st.deferred.is_empty()
+        };
+        if busy {
             let fut = self.create_future(py)?;
-            st.deferred.push_back(Deferred {
+            self.st.lock().deferred.push_back(Deferred {
                 fut: fut.clone_ref(py),
                 op,
                 payload,
             });
-            return Ok(fut);
+            return self.pending(py, fut, WaitKind::Plain);
         }
+        match self.send_data(py, op, payload, None)? {
+            None => self.completed(py),
+            Some(fut) => self.pending(py, fut, WaitKind::Plain),
+        }
+    }
+
+    /// Queue a data message now (the caller checked that no fragmented send is under
+    /// way). Returns None if it is queued and under `write_limit`, else the future that
+    /// completes when it is written down to the limit: `waiter` if given, else a new one.
+    fn send_data(
+        &self,
+        py: Python<'_>,
+        op: OpCode,
+        payload: Payload,
+        waiter: Option<Py<PyAny>>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let data = payload.as_bytes(py)?;
         let chunk = self.fragment_size();
         if data.len() <= chunk {
-            drop(st);
-            return self.enqueue_frame(py, op, data, true);
+            if !self.queue_frame(py, op, data, true, false)? {
+                return Ok(None);
+            }
+            let fut = match waiter {
+                Some(f) => f,
+                None => self.create_future(py)?,
+            };
+            self.st.lock().drains.push(fut.clone_ref(py));
+            return Ok(Some(fut));
         }
-        // First fragment now, the rest as the connection takes them (on_drained).
+        // First fragment now, the rest as the connection takes them (on_drained). The
+        // future exists before the first fragment is queued: between that and
+        // `st.large` being set no Python may run (it could queue another data frame).
+        let fut = match waiter {
+            Some(f) => f,
+            None => self.create_future(py)?,
+        };
         self.queue_frame(py, op, &data[..chunk], false, true)?;
-        let fut = self.create_future(py)?;
-        st.large = Some(LargeSend {
+        self.st.lock().large = Some(LargeSend {
             fut: fut.clone_ref(py),
             payload,
             offset: chunk,
         });
-        Ok(fut)
+        Ok(Some(fut))
     }
 
     /// Queue one frame (no deferral); returns the awaitable for `send()`.
@@ -645,9 +976,9 @@ impl Connection {
         if self.queue_frame(py, op, data, fin, false)? {
             let fut = self.create_future(py)?;
             self.st.lock().drains.push(fut.clone_ref(py));
-            Ok(fut)
+            self.pending(py, fut, WaitKind::Plain)
         } else {
-            done(py)
+            self.completed(py)
         }
     }
 
@@ -663,22 +994,25 @@ impl Connection {
         want_drain: bool,
     ) -> PyResult<bool> {
         let cfg = &self.shared.cfg;
-        let mut ob = self.shared.outbox.lock();
-        if ob.closed || ob.closing {
-            drop(ob);
-            return Err(self.closed_error_now(py));
+        let (was_empty, over) = {
+            let mut ob = self.shared.outbox.lock();
+            if ob.closed || ob.closing {
+                None
+            } else {
+                let was_empty = ob.buf.is_empty();
+                // One allocation of the right size (growing from the header's few bytes
+                // would reallocate and copy the payload again).
+                ob.buf.reserve(frame::MAX_HEADER_LEN + data.len());
+                frame::encode_header(&mut ob.buf, fin, op, data.len() as u64, None);
+                ob.buf.extend_from_slice(data);
+                let over = ob.buf.len() > cfg.write_limit;
+                if over || want_drain {
+                    ob.drain_waiting = true;
+                }
+                Some((was_empty, over))
+            }
         }
-        let was_empty = ob.buf.is_empty();
-        // One allocation of the right size (growing from the header's few bytes would
-        // reallocate and copy the payload again).
-        ob.buf.reserve(frame::MAX_HEADER_LEN + data.len());
-        frame::encode_header(&mut ob.buf, fin, op, data.len() as u64, None);
-        ob.buf.extend_from_slice(data);
-        let over = ob.buf.len() > cfg.write_limit;
-        if over || want_drain {
-            ob.drain_waiting = true;
-        }
-        drop(ob);
+        .ok_or_else(|| self.closed_error_now(py))?;
         if was_empty {
             self.shared.waker.wake();
         }
@@ -692,8 +1026,10 @@ impl Connection {
 
     /// The task took the outbox: queue the next fragment of a large send, if any.
     fn continue_large(&self, py: Python<'_>) -> PyResult<()> {
-        let mut st = self.st.lock();
-        let Some(large) = st.large.as_mut() else {
+        // Out of the state while its fragment is queued (no Python runs in between);
+        // put back unless it is finished.
+        let taken = self.st.lock().large.take();
+        let Some(mut large) = taken else {
             return Ok(());
         };
         let data = large.payload.as_bytes(py)?;
@@ -708,20 +1044,14 @@ impl Connection {
         );
         large.offset = end;
         if r.is_ok() && !fin {
+            self.st.lock().large = Some(large);
             return Ok(());
         }
-        let large = st.large.take().expect("checked above");
-        drop(st);
         match r {
-            Ok(_) => large
-                .fut
-                .call_method1(py, pyo3::intern!(py, "set_result"), (py.None(),))?,
-            Err(e) => large.fut.call_method1(
-                py,
-                pyo3::intern!(py, "set_exception"),
-                (e.into_value(py),),
-            )?,
-        };
+            Ok(_) => resolve(py, &large.fut, py.None())?,
+            Err(e) => reject(py, &large.fut, e)?,
+        }
+        drop(large);
         self.release(py)
     }
 
@@ -741,32 +1071,23 @@ impl Connection {
             };
             match next {
                 Ok(d) => {
-                    if d.fut
-                        .call_method0(py, pyo3::intern!(py, "done"))?
-                        .is_truthy(py)?
-                    {
+                    if is_done(py, &d.fut)? {
                         continue; // the sender was cancelled: it did not send
                     }
-                    match self.send_payload(py, d.op, d.payload) {
-                        // Resolve this sender once its own message is queued.
-                        Ok(aw) => self.chain(py, aw, d.fut)?,
-                        Err(e) => {
-                            d.fut.call_method1(
-                                py,
-                                pyo3::intern!(py, "set_exception"),
-                                (e.into_value(py),),
-                            )?;
-                        }
+                    // The sender's own future completes when its message is queued
+                    // (and, over write_limit, written down to it).
+                    match self.send_data(py, d.op, d.payload, Some(d.fut.clone_ref(py))) {
+                        Ok(None) => resolve(py, &d.fut, py.None())?,
+                        Ok(Some(_)) => {}
+                        Err(e) => reject(py, &d.fut, e)?,
                     }
                 }
                 Err(Some(w)) => {
-                    if w.call_method0(py, pyo3::intern!(py, "done"))?
-                        .is_truthy(py)?
-                    {
+                    if is_done(py, &w)? {
                         continue;
                     }
                     self.st.lock().writer_active = true;
-                    w.call_method1(py, pyo3::intern!(py, "set_result"), (py.None(),))?;
+                    resolve(py, &w, py.None())?;
                     return Ok(());
                 }
                 Err(None) => return Ok(()),
@@ -774,16 +1095,21 @@ impl Connection {
         }
     }
 
-    /// Complete `fut` when awaitable `aw` (a Ready or an asyncio future) completes.
-    fn chain(&self, py: Python<'_>, aw: Py<PyAny>, fut: Py<PyAny>) -> PyResult<()> {
-        if aw.bind(py).cast::<Ready>().is_ok() {
-            return fut
-                .call_method1(py, pyo3::intern!(py, "set_result"), (py.None(),))
-                .map(|_| ());
+    /// Whether a writer (or a data send) may start now.
+    fn slot(&self) -> Slot {
+        let st = self.st.lock();
+        if st.finished {
+            Slot::Finished
+        } else if st.writer_active || st.large.is_some() || !st.deferred.is_empty() {
+            Slot::Busy
+        } else {
+            Slot::Free
         }
-        let chain = py.import("lightws.streaming")?.getattr("_chain")?;
-        chain.call1((aw, fut))?;
-        Ok(())
+    }
+
+    fn writer_end(&self, py: Python<'_>) -> PyResult<()> {
+        self.st.lock().writer_active = false;
+        self.release(py)
     }
 
     fn reply(&self, r: Reply) -> PyResult<()> {
@@ -794,6 +1120,10 @@ impl Connection {
         let _ = tx.send(r);
         Ok(())
     }
+}
+
+fn streaming_error() -> PyErr {
+    PyRuntimeError::new_err("the next message is being streamed to conn.reader(); read it there")
 }
 
 fn end_error(py: Python<'_>, info: &CloseInfo, anext: bool) -> PyErr {
@@ -838,16 +1168,16 @@ impl Connection {
     /// Raises `ConnectionClosedOK` (peer closed with 1000/1001) or
     /// `ConnectionClosedError` once the connection is closed and every message received
     /// before the close has been returned. Cancelling a pending `recv()` loses no message.
-    fn recv(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.receive(py, Want::Message { anext: false })
+    fn recv(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        Self::receive(slf, Want::Message { anext: false })
     }
 
     fn __aiter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
         slf
     }
 
-    fn __anext__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.receive(py, Want::Message { anext: true })
+    fn __anext__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        Self::receive(slf, Want::Message { anext: true })
     }
 
     /// Stream the next message: `async for chunk in conn.reader(): ...`.
@@ -860,7 +1190,8 @@ impl Connection {
     fn reader(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let this = slf.get();
-        {
+        let putback = this.st.lock().putback.is_some();
+        if !putback {
             let inbox = this.shared.inbox.lock();
             if inbox.queue.is_empty() && !inbox.assembling && inbox.closed.is_none() {
                 this.shared
@@ -883,25 +1214,29 @@ impl Connection {
         api(py)?.writer.call1(py, (slf, binary))
     }
 
-    fn _read_chunk(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        self.receive(py, Want::Chunk)
+    fn _read_chunk(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        Self::receive(slf, Want::Chunk)
     }
 
     /// Completes when the writer may start: at once, or after the fragmented send or
     /// writer in progress on this connection.
-    fn _writer_begin(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let mut st = self.st.lock();
-        if st.finished {
-            drop(st);
-            return Err(self.closed_error_now(py));
+    fn _writer_begin(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        let slot = this.slot();
+        match slot {
+            Slot::Finished => Err(this.closed_error_now(py)),
+            Slot::Busy => {
+                let fut = this.create_future(py)?;
+                this.st.lock().writer_waiters.push_back(fut.clone_ref(py));
+                this.pending(py, fut, WaitKind::Writer(slf.clone().unbind()))
+            }
+            Slot::Free => {
+                // No Python ran since slot(): the slot is still free.
+                this.st.lock().writer_active = true;
+                done(py)
+            }
         }
-        if st.writer_active || st.large.is_some() || !st.deferred.is_empty() {
-            let fut = self.create_future(py)?;
-            st.writer_waiters.push_back(fut.clone_ref(py));
-            return Ok(fut);
-        }
-        st.writer_active = true;
-        done(py)
     }
 
     fn _send_frame(
@@ -918,14 +1253,18 @@ impl Connection {
 
     /// The writer finished: send what `send()` put aside meanwhile, in order.
     fn _writer_end(&self, py: Python<'_>) -> PyResult<()> {
-        self.st.lock().writer_active = false;
-        self.release(py)
+        self.writer_end(py)
     }
 
     /// Send a message: `str` as TEXT, bytes-like as BINARY, a `Message` as given.
     ///
     /// Completes at once unless more than `write_limit` bytes are queued; then it waits
     /// until the connection has written them. Raises `ConnectionClosed` after a close.
+    ///
+    /// The message is queued when `send()` is called, so cancelling the wait does not
+    /// take it back; only a send still waiting behind a fragmented message (a
+    /// `writer()` or a send over `write_limit`) is not sent if cancelled before its turn.
+    /// The fragments of a large message keep going after its send is cancelled.
     fn send(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         if let Ok(b) = message.cast::<PyBytes>() {
             return self.send_payload(py, OpCode::Binary, Payload::Bytes(b.clone().unbind()));
@@ -1009,11 +1348,14 @@ impl Connection {
                 reason.len()
             )));
         }
-        let mut st = self.st.lock();
-        if st.finished {
+        let (finished, reply) = {
+            let mut st = self.st.lock();
+            (st.finished, st.reply.take())
+        };
+        if finished {
             return done(py);
         }
-        if let Some(tx) = st.reply.take() {
+        if let Some(tx) = reply {
             // Still in the handshake (e.g. the server is closing): refuse the upgrade.
             let _ = tx.send(Reply::Respond {
                 status: 503,
@@ -1022,17 +1364,23 @@ impl Connection {
             });
             return done(py);
         }
-        let mut ob = self.shared.outbox.lock();
-        if ob.closed {
-            return done(py);
-        }
-        if !ob.closing {
-            ob.closing = true;
-            let was_empty = ob.buf.is_empty();
-            let payload = frame::close_payload(Some(code), reason);
-            frame::encode_frame(&mut ob.buf, true, OpCode::Close, &payload, None);
-            drop(ob);
-            st.sent_close = Some(CloseInfo {
+        let queued = {
+            let mut ob = self.shared.outbox.lock();
+            if ob.closed {
+                // The task has ended; its Closed event completes nothing we wait for.
+                return done(py);
+            }
+            if ob.closing {
+                false
+            } else {
+                ob.closing = true;
+                let payload = frame::close_payload(Some(code), reason);
+                frame::encode_frame(&mut ob.buf, true, OpCode::Close, &payload, None);
+                true
+            }
+        };
+        if queued {
+            self.st.lock().sent_close = Some(CloseInfo {
                 code,
                 reason: reason.to_owned(),
             });
@@ -1043,14 +1391,11 @@ impl Connection {
                 });
             }
             // Always wake: even with frames still queued, the close starts its timer.
-            let _ = was_empty;
             self.shared.waker.wake();
-        } else {
-            drop(ob);
         }
         let fut = self.create_future(py)?;
-        st.closers.push(fut.clone_ref(py));
-        Ok(fut)
+        self.st.lock().closers.push(fut.clone_ref(py));
+        self.pending(py, fut, WaitKind::Plain)
     }
 
     /// Close the TCP connection now, without a close handshake.
@@ -1090,7 +1435,8 @@ impl Connection {
             .unwrap_or_else(|| py.None())
     }
 
-    /// The peer's `(host, port)`.
+    /// The client's `(host, port)`: the TCP peer, or behind a proxy listed in
+    /// `Config.trusted_proxies` the address from `X-Forwarded-For` (port 0).
     #[getter]
     fn remote_address(&self) -> (String, u16) {
         (
@@ -1109,7 +1455,8 @@ impl Connection {
     /// answered, or the socket dropped).
     #[getter]
     fn closed(&self) -> bool {
-        self.st.lock().finished || self.shared.inbox.lock().closed.is_some()
+        let finished = self.st.lock().finished;
+        finished || self.shared.inbox.lock().closed.is_some()
     }
 
     /// The close code, once closed (1006 if the socket dropped without a close frame).
@@ -1145,7 +1492,8 @@ impl Connection {
     /// coroutine or a partial plus a task set: each of those costs an idle connection
     /// a few hundred bytes.
     fn _watch(slf: &Bound<'_, Self>, task: &Bound<'_, PyAny>) -> PyResult<()> {
-        slf.get().st.lock().handler = Some(task.clone().unbind());
+        let old = slf.get().st.lock().handler.replace(task.clone().unbind());
+        drop(old);
         task.call_method1("add_done_callback", (slf.getattr("_handler_done")?,))?;
         Ok(())
     }
@@ -1153,7 +1501,8 @@ impl Connection {
     fn _handler_done(slf: &Bound<'_, Self>, task: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
-        this.st.lock().handler = None;
+        let old = this.st.lock().handler.take();
+        drop(old);
         if task.call_method0("cancelled")?.is_truthy()? {
             this.abort();
             return Ok(());
@@ -1287,6 +1636,34 @@ fn opt_size(cfg: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<usize>> {
     }
 }
 
+/// A list field that must not be a bare `str` (which would be taken as a list of
+/// one-character entries by Python, and is surely a missing pair of brackets).
+fn list<'py, T: FromPyObjectOwned<'py>>(cfg: &Bound<'py, PyAny>, name: &str) -> PyResult<T> {
+    if cfg.getattr(name)?.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(format!(
+            "Config.{name} must be a list of strings, not a str (write [\"...\"])"
+        )));
+    }
+    get(cfg, name)
+}
+
+/// `Config.origins` and `Config.trusted_proxies`, validated (security.rs parses them).
+fn admission(cfg: &Bound<'_, PyAny>) -> PyResult<(Option<OriginPolicy>, Vec<IpNet>)> {
+    let origins: Option<Vec<Option<String>>> = list(cfg, "origins")?;
+    let origins = origins
+        .map(|o| OriginPolicy::new(&o))
+        .transpose()
+        .map_err(PyValueError::new_err)?;
+    let proxies: Vec<String> = list(cfg, "trusted_proxies")?;
+    let proxies = proxies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| IpNet::parse(p).map_err(|e| format!("Config.trusted_proxies[{i}]: {e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(PyValueError::new_err)?;
+    Ok((origins, proxies))
+}
+
 fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
     let addr: String = get(cfg, "addr")?;
     server::parse_addr(&addr).map_err(PyValueError::new_err)?;
@@ -1325,6 +1702,7 @@ fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
         io_statistics: get(cfg, "io_statistics")?,
     };
     let backlog = size(cfg, "backlog", 1)?.min(65535) as i32;
+    let (origins, trusted_proxies) = admission(cfg)?;
     Ok(ServerConfig {
         addr,
         conn: Arc::new(conn),
@@ -1336,6 +1714,9 @@ fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
         handshake_write_timeout: seconds(cfg, "handshake_write_timeout", true)?.unwrap_or_default(),
         tcp_keepalive: seconds(cfg, "tcp_keepalive", false)?,
         max_connections: size(cfg, "max_connections", 0)?,
+        max_connections_per_ip: size(cfg, "max_connections_per_ip", 0)?,
+        trusted_proxies,
+        origins,
         backlog,
         threads,
         http_fallback: get(cfg, "http_fallback")?,
@@ -1397,7 +1778,8 @@ impl Core {
             py,
             Connection {
                 shared: conn,
-                st: Mutex::new(PyState {
+                immediate: AtomicU32::new(0),
+                st: ConnMutex::new(PyState {
                     reply: Some(reply),
                     ..Default::default()
                 }),
@@ -1412,7 +1794,7 @@ impl Core {
             (
                 obj.clone_ref(py),
                 if request.method == "GET" {
-                    pyo3::intern!(py, "GET").clone()
+                    intern!(py, "GET").clone()
                 } else {
                     PyString::new(py, &request.method)
                 },
@@ -1493,6 +1875,7 @@ impl Core {
             _ => None,
         };
         let srv = Arc::new(ServerShared {
+            per_ip: IpLimiter::new(cfg.max_connections_per_ip),
             cfg,
             hub: hub.clone(),
             stats: Arc::new(Stats::new()),
@@ -1645,18 +2028,14 @@ impl Core {
         self.srv.tls.is_some()
     }
 
-    /// Counters as a dict: totals plus `rates` (per second over the last 30 s).
+    /// Counters as a dict: totals plus `rates` (per second over the last 30 s, or
+    /// since start if younger, at least over 1 s: see stats.rs).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (now, base, elapsed) = self.srv.stats.snapshot_with_rates();
+        let window = self.srv.stats.window();
+        let (now, base) = (&window.now, &window.base);
         let d = PyDict::new(py);
         let rates = PyDict::new(py);
-        let rate = |a: u64, b: u64| {
-            if elapsed > 0.0 {
-                a.saturating_sub(b) as f64 / elapsed
-            } else {
-                0.0
-            }
-        };
+        let rate = |a: u64, b: u64| window.rate(a, b);
         d.set_item("connections", now.connections)?;
         d.set_item("max_connections", now.max_connections)?;
         let io = self.srv.cfg.io_statistics;
@@ -1692,7 +2071,7 @@ impl Core {
         rates.set_item("frames_in", rin)?;
         rates.set_item("frames_out", rout)?;
         d.set_item("rates", rates)?;
-        d.set_item("rate_window", elapsed)?;
+        d.set_item("rate_window", window.span)?;
         Ok(d)
     }
 }

@@ -18,13 +18,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
-use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::frame::{self, Decoder, Event, OpCode, Role};
 use crate::hub::{self, Hub, LogEvent};
+use crate::lockcheck::ConnMutex;
 use crate::stats::Stats;
 
 /// Log levels, as `lightws.LogLevel`.
@@ -115,8 +115,8 @@ pub struct ConnShared {
     /// lock, read by the task before each new message's first frame header).
     pub stream_next: AtomicBool,
     pub remote: SocketAddr,
-    pub inbox: Mutex<Inbox>,
-    pub outbox: Mutex<Outbox>,
+    pub inbox: ConnMutex<Inbox>,
+    pub outbox: ConnMutex<Outbox>,
     pub waker: AtomicWaker,
     pub hub: Arc<Hub>,
     pub stats: Arc<Stats>,
@@ -136,8 +136,8 @@ impl ConnShared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             stream_next: AtomicBool::new(false),
             remote,
-            inbox: Mutex::new(Inbox::default()),
-            outbox: Mutex::new(Outbox::default()),
+            inbox: ConnMutex::new(Inbox::default()),
+            outbox: ConnMutex::new(Outbox::default()),
             waker: AtomicWaker::new(),
             hub,
             stats,
@@ -934,13 +934,9 @@ pub fn describe_frame(dir: &str, op: OpCode, payload: &[u8]) -> String {
         }
     }
     let more = if payload.len() > 30 { "..." } else { "" };
-    format!("{dir} {:?} len={} b'{shown}'{more}", op, payload.len())
-        .replace("Text", "TEXT")
-        .replace("Binary", "BINARY")
-        .replace("Ping", "PING")
-        .replace("Pong", "PONG")
-        .replace("Close", "CLOSE")
-        .replace("Continuation", "CONTINUATION")
+    // The opcode's name goes in by itself: rewriting the whole line (as this once did,
+    // "Ping" -> "PING") also rewrote those words inside the payload.
+    format!("{dir} {} len={} b'{shown}'{more}", op.name(), payload.len())
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
@@ -979,6 +975,22 @@ mod tests {
         assert_eq!(
             describe_frame("recv", OpCode::Ping, &[0, 255]),
             "recv PING len=2 b'\\x00\\xff'"
+        );
+    }
+
+    #[test]
+    fn frame_descriptions_leave_opcode_names_in_the_payload_alone() {
+        assert_eq!(
+            describe_frame("recv", OpCode::Binary, b"Ping"),
+            "recv BINARY len=4 b'Ping'"
+        );
+        assert_eq!(
+            describe_frame(
+                "send",
+                OpCode::Continuation,
+                b"Text Binary Close Pong Continuation"
+            ),
+            "send CONTINUATION len=35 b'Text Binary Close Pong Continu'..."
         );
     }
 }

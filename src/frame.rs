@@ -89,6 +89,18 @@ impl OpCode {
     pub fn as_u8(self) -> u8 {
         self as u8
     }
+
+    /// The name Python's `lightws.Opcode` gives it ("TEXT", "PING", ...), for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpCode::Continuation => "CONTINUATION",
+            OpCode::Text => "TEXT",
+            OpCode::Binary => "BINARY",
+            OpCode::Close => "CLOSE",
+            OpCode::Ping => "PING",
+            OpCode::Pong => "PONG",
+        }
+    }
 }
 
 /// Which end of the connection this codec runs at; it decides the masking

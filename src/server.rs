@@ -22,6 +22,7 @@ use crate::conn::{
 };
 use crate::handshake::{self, HandshakeError, Upgrade};
 use crate::hub::{Event, HandshakeEvent, Hub, LogEvent, Reply};
+use crate::security::{self, IpLimiter, IpNet, IpSlot, OriginPolicy};
 use crate::stats::Stats;
 use crate::tls::CertStore;
 
@@ -39,6 +40,12 @@ pub struct ServerConfig {
     pub tcp_keepalive: Option<Duration>,
     /// 0 = unlimited.
     pub max_connections: usize,
+    /// Connections per client address (IPv4 address or IPv6 /64); 0 = unlimited.
+    pub max_connections_per_ip: usize,
+    /// Peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<IpNet>,
+    /// `Config.origins`; None admits any origin.
+    pub origins: Option<OriginPolicy>,
     pub backlog: i32,
     pub threads: usize,
     pub http_fallback: bool,
@@ -53,9 +60,30 @@ pub struct ServerShared {
     pub hub: Arc<Hub>,
     pub stats: Arc<Stats>,
     pub tls: Option<(Arc<CertStore>, tokio_rustls::TlsAcceptor)>,
+    /// Open connections per client address; None without `max_connections_per_ip`.
+    pub per_ip: Option<IpLimiter>,
 }
 
 impl ServerShared {
+    fn is_trusted_proxy(&self, ip: std::net::IpAddr) -> bool {
+        self.cfg.trusted_proxies.iter().any(|net| net.contains(ip))
+    }
+
+    /// The per-address limit's verdict at accept. A direct peer is the client, so it is
+    /// counted now and its connections pending in the TLS or HTTP handshake count too
+    /// (that is what bounds one address's slowloris sockets). A trusted proxy speaks
+    /// for many clients: the client is known only from the request head.
+    fn admit_at_accept(&self, peer: SocketAddr) -> PerIp {
+        match &self.per_ip {
+            None => PerIp::Unlimited,
+            Some(_) if self.is_trusted_proxy(peer.ip()) => PerIp::AfterHead,
+            Some(limiter) => match limiter.acquire(peer.ip()) {
+                Some(slot) => PerIp::Held(slot),
+                None => PerIp::Refused,
+            },
+        }
+    }
+
     pub fn log(&self, level: u8, peer: Option<SocketAddr>, msg: impl FnOnce() -> String) {
         if level <= self.cfg.conn.log_level {
             self.hub.push(Event::Log(Box::new(LogEvent {
@@ -131,9 +159,11 @@ pub async fn accept_loop(
             _ = stop.changed() => break,
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    // Counted here, in accept order: tasks may start in another order.
+                    let per_ip = srv.admit_at_accept(peer);
                     let srv2 = srv.clone();
                     tokio::spawn(async move {
-                        let fut = AssertUnwindSafe(handle(stream, peer, srv2.clone()));
+                        let fut = AssertUnwindSafe(handle(stream, peer, srv2.clone(), per_ip));
                         if let Err(p) = fut.catch_unwind().await {
                             let what = panic_message(&p);
                             srv2.log(LOG_ERROR, Some(peer), || format!("internal error (bug): {what}"));
@@ -160,6 +190,18 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+/// Where a connection stands with `max_connections_per_ip`.
+enum PerIp {
+    /// No per-address limit.
+    Unlimited,
+    /// Counted; the slot is released when the connection's task drops it.
+    Held(IpSlot),
+    /// Over the limit: answered 429 once the request head is read.
+    Refused,
+    /// From a trusted proxy: counted for the `X-Forwarded-For` client after the head.
+    AfterHead,
+}
+
 /// Counts a TCP connection for its whole life.
 struct ConnCount(Arc<Stats>);
 impl Drop for ConnCount {
@@ -168,7 +210,7 @@ impl Drop for ConnCount {
     }
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, srv: Arc<ServerShared>) {
+async fn handle(stream: TcpStream, peer: SocketAddr, srv: Arc<ServerShared>, per_ip: PerIp) {
     let count = srv.stats.conn_opened();
     let _count = ConnCount(srv.stats.clone());
     let _ = stream.set_nodelay(true);
@@ -185,46 +227,55 @@ async fn handle(stream: TcpStream, peer: SocketAddr, srv: Arc<ServerShared>) {
     // driver alone (see `task_future_stays_small` below).
     match &srv.tls {
         None => {
-            let up = Box::pin(upgrade(stream, peer, &srv, deadline, over_limit)).await;
+            let up = Box::pin(upgrade(stream, peer, &srv, deadline, over_limit, per_ip)).await;
             if let Some(up) = up {
                 Box::pin(up.run()).await;
             }
         }
         Some((_, acceptor)) => {
-            let accept = Box::pin(timeout_at(deadline, acceptor.accept(stream)));
-            let tls = match accept.await {
-                // Boxed: a rustls connection is about 1.2 KB, and the driver then holds
-                // a pointer instead of a copy in each state of its future.
-                Ok(Ok(tls)) => Box::new(tls),
-                Ok(Err(e)) => {
-                    return srv.log(LOG_INFO, Some(peer), || {
-                        format!("TLS handshake failed: {e}")
-                    })
-                }
-                Err(_) => {
-                    return srv.log(LOG_INFO, Some(peer), || {
-                        "TLS handshake not finished within handshake_read_timeout".into()
-                    })
-                }
-            };
-            Box::pin(serve_tls(tls, peer, &srv, deadline, over_limit)).await;
+            let acceptor = acceptor.clone();
+            Box::pin(serve_tls(
+                stream, acceptor, peer, &srv, deadline, over_limit, per_ip,
+            ))
+            .await;
         }
     }
 }
 
 type TlsConn = Box<tokio_rustls::server::TlsStream<TcpStream>>;
 
+/// The TLS handshake, then as for plain TCP. Its own boxed future (not inline in
+/// `handle`) so that the per-connection state it holds across the TLS handshake
+/// (`per_ip`) does not grow every connection's task.
 async fn serve_tls(
-    mut tls: TlsConn,
+    stream: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
     peer: SocketAddr,
     srv: &Arc<ServerShared>,
     deadline: Instant,
     over_limit: bool,
+    per_ip: PerIp,
 ) {
+    let accept = Box::pin(timeout_at(deadline, acceptor.accept(stream)));
+    let mut tls: TlsConn = match accept.await {
+        // Boxed: a rustls connection is about 1.2 KB, and the driver then holds
+        // a pointer instead of a copy in each state of its future.
+        Ok(Ok(tls)) => Box::new(tls),
+        Ok(Err(e)) => {
+            return srv.log(LOG_INFO, Some(peer), || {
+                format!("TLS handshake failed: {e}")
+            })
+        }
+        Err(_) => {
+            return srv.log(LOG_INFO, Some(peer), || {
+                "TLS handshake not finished within handshake_read_timeout".into()
+            })
+        }
+    };
     // Bound rustls' buffered outgoing plaintext; our own outbox does the queueing (and
     // the back-pressure) before it.
     tls.get_mut().1.set_buffer_limit(Some(64 * 1024));
-    let up = Box::pin(upgrade(tls, peer, srv, deadline, over_limit)).await;
+    let up = Box::pin(upgrade(tls, peer, srv, deadline, over_limit, per_ip)).await;
     if let Some(up) = up {
         Box::pin(up.run()).await;
     }
@@ -236,6 +287,9 @@ struct Upgraded<S> {
     shared: Arc<ConnShared>,
     guard: ClosedGuard,
     leftover: Vec<u8>,
+    /// The connection's place under `max_connections_per_ip`, held until the driver
+    /// ends.
+    slot: Option<IpSlot>,
 }
 
 impl<S: Transport> Upgraded<S> {
@@ -245,10 +299,12 @@ impl<S: Transport> Upgraded<S> {
             shared,
             guard,
             leftover,
+            slot,
         } = self;
         shared.log(LOG_DEBUG, || "connection open".into());
         let mut driver = Driver::new(io, shared, leftover);
         async move {
+            let _slot = slot;
             // Polled through a reference: awaiting by value would store the driver
             // twice in this future (once captured, once as the awaitee).
             let outcome = (&mut driver).await;
@@ -285,6 +341,15 @@ async fn read_head<S: Transport>(
     }
 }
 
+/// `" (via proxy a.b.c.d:p)"` when the client is not the TCP peer, for log lines.
+fn via(peer: SocketAddr, client: SocketAddr) -> String {
+    if peer == client {
+        String::new()
+    } else {
+        format!(" (via proxy {peer})")
+    }
+}
+
 async fn write_all_by<S: Transport>(io: &mut S, data: &[u8], deadline: Instant) -> bool {
     let fut = async {
         io.write_all(data).await?;
@@ -316,6 +381,7 @@ async fn upgrade<S: Transport>(
     srv: &Arc<ServerShared>,
     deadline: Instant,
     over_limit: bool,
+    per_ip: PerIp,
 ) -> Option<Upgraded<S>> {
     let mut buf = Vec::with_capacity(srv.cfg.http_read_buffer.min(4096));
     let head = timeout_at(
@@ -355,6 +421,44 @@ async fn upgrade<S: Transport>(
         return None;
     }
 
+    // Behind a trusted proxy the client is named by X-Forwarded-For. It becomes the
+    // connection's remote address (port 0: proxies do not forward the client's port),
+    // so `request.remote_address`, `conn.remote_address` and the logs show the client.
+    let client = if srv.cfg.trusted_proxies.is_empty() {
+        peer
+    } else {
+        let ip = security::forwarded_client(peer.ip(), &req, &srv.cfg.trusted_proxies);
+        if ip == peer.ip().to_canonical() {
+            peer
+        } else {
+            SocketAddr::new(ip, 0)
+        }
+    };
+    let slot = match per_ip {
+        PerIp::Unlimited => Ok(None),
+        PerIp::Held(slot) => Ok(Some(slot)),
+        PerIp::Refused => Err(()),
+        PerIp::AfterHead => match srv.per_ip.as_ref().map(|l| l.acquire(client.ip())) {
+            Some(Some(slot)) => Ok(Some(slot)),
+            Some(None) => Err(()),
+            None => Ok(None),
+        },
+    };
+    let Ok(slot) = slot else {
+        srv.stats.handshake_failed();
+        srv.log(LOG_INFO, Some(client), || {
+            format!(
+                "max_connections_per_ip ({}) reached for {}{}: 429",
+                srv.cfg.max_connections_per_ip,
+                client.ip(),
+                via(peer, client)
+            )
+        });
+        let body = b"too many connections from your address (max_connections_per_ip)";
+        respond(&mut io, srv, 429, &[], body).await;
+        return None;
+    };
+
     let (key, subprotocols, upgrade) = match handshake::validate(&req) {
         Upgrade::WebSocket { key, subprotocols } => (key, subprotocols, true),
         Upgrade::Reject(r) => {
@@ -378,8 +482,22 @@ async fn upgrade<S: Transport>(
         }
     };
 
+    // RFC 6455 section 10.2: an unacceptable Origin gets 403, here before the
+    // handshake callable runs. Only upgrades are checked: a plain request shown through
+    // http_fallback is ordinary HTTP, which browsers already confine (CORS).
+    if let (true, Some(policy)) = (upgrade, &srv.cfg.origins) {
+        if let Err(why) = policy.check(&req) {
+            srv.stats.handshake_failed();
+            srv.log(LOG_INFO, Some(client), || {
+                format!("refused upgrade (403): {why}{}", via(peer, client))
+            });
+            respond(&mut io, srv, 403, &[], b"origin not allowed").await;
+            return None;
+        }
+    }
+
     let shared = ConnShared::new(
-        peer,
+        client,
         srv.hub.clone(),
         srv.stats.clone(),
         srv.cfg.conn.clone(),
@@ -436,6 +554,7 @@ async fn upgrade<S: Transport>(
                 shared,
                 guard,
                 leftover,
+                slot,
             })
         }
     }
@@ -498,6 +617,9 @@ mod size_tests {
             handshake_write_timeout: Duration::from_secs(1),
             tcp_keepalive: None,
             max_connections: 0,
+            max_connections_per_ip: 0,
+            trusted_proxies: Vec::new(),
+            origins: None,
             backlog: 16,
             threads: 1,
             http_fallback: false,
@@ -524,9 +646,10 @@ mod size_tests {
                 hub: Arc::new(Hub::new().unwrap()),
                 stats: Arc::new(Stats::new()),
                 tls: None,
+                per_ip: None,
             });
             let (server_side, _) = listener.accept().await.unwrap();
-            let task = std::mem::size_of_val(&handle(stream, addr, srv.clone()));
+            let task = std::mem::size_of_val(&handle(stream, addr, srv.clone(), PerIp::Unlimited));
             let shared = ConnShared::new(
                 addr,
                 srv.hub.clone(),
@@ -538,6 +661,7 @@ mod size_tests {
                 shared: shared.clone(),
                 guard: ClosedGuard { shared, info: None },
                 leftover: Vec::new(),
+                slot: None,
             };
             let driver_phase = std::mem::size_of_val(&up.run());
             let driver = std::mem::size_of::<Driver<TcpStream>>();

@@ -1,7 +1,8 @@
 """A real browser against ``python -m lightws echo``: headless Chromium loads the echo
 demo page (served by the same port through ``http_fallback``), the test drives the page
 through the Chrome DevTools Protocol (over a WebSocket, with the websockets client) and
-reads the echoed messages back from the page's DOM.
+reads the echoed messages back from the page's DOM. And a page from one origin trying a
+server that allows only another (``Config.origins``, cross-site WebSocket hijacking).
 
 Skipped only when no Chromium binary is installed or it cannot start; ``.ci/run``
 installs Debian's ``chromium``.
@@ -22,8 +23,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import lightws
 import pytest
 import trustme
+from conftest import echo_handler, serve
 from test_demos import Demo, start_demo
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -41,14 +44,19 @@ class DevTools:
         self._ws = ws
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        #: Events (messages without an id) of the domains enabled, in order.
+        self.events: list[dict[str, Any]] = []
         self._reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
         async for raw in self._ws:
             message = json.loads(raw)
-            future = self._waiting.pop(message.get("id", 0), None)
+            if "id" not in message:
+                self.events.append(message)
+                continue
+            future = self._waiting.pop(message["id"], None)
             if future is not None and not future.done():
-                future.set_result(message)  # events (no id) are not needed here
+                future.set_result(message)
         for future in self._waiting.values():
             future.set_exception(ConnectionError("DevTools connection closed"))
 
@@ -236,3 +244,95 @@ async def test_browser_echoes_over_wss(tmp_path: Path) -> None:
     finally:
         await demo.stop()
     assert got == [["text", "secure"], ["binary", hex_bytes(b"secure")]]
+
+
+# Opens a WebSocket to each URL in turn from the page and reports what the page can see:
+# the events fired (in order) and the close event's code.
+ATTEMPTS = """
+(async () => {
+  const attempt = (url) => new Promise((resolve) => {
+    const seen = [];
+    const ws = new WebSocket(url);
+    ws.onopen = () => { seen.push("open"); ws.close(1000); };
+    ws.onerror = () => seen.push("error");
+    ws.onclose = (e) => { seen.push("close"); resolve({seen, code: e.code}); };
+  });
+  const results = [];
+  for (const url of URLS) results.push(await attempt(url));
+  return results;
+})()
+"""
+
+
+def refusal_reports(events: list[dict[str, Any]], url: str) -> list[str]:
+    """What Chromium's DevTools said about the WebSocket to ``url``: the Origin it sent,
+    the network layer's error and the console entry."""
+    ids = {
+        e["params"]["requestId"]
+        for e in events
+        if e.get("method") == "Network.webSocketCreated" and e["params"]["url"] == url
+    }
+    reports = []
+    for e in events:
+        method, params = e.get("method"), e.get("params", {})
+        if method == "Log.entryAdded" and url in params["entry"]["text"]:
+            entry = params["entry"]
+            reports.append(f"console {entry['level']} ({entry['source']}): {entry['text']}")
+        elif params.get("requestId") not in ids:
+            continue
+        elif method == "Network.webSocketWillSendHandshakeRequest":
+            origin = params["request"]["headers"].get("Origin")
+            reports.append(f"network: handshake request sent with Origin: {origin}")
+        elif method == "Network.webSocketHandshakeResponseReceived":
+            response = params["response"]
+            reports.append(f"network: response {response['status']} {response['statusText']}")
+        elif method == "Network.webSocketFrameError":
+            reports.append(f"network: webSocketFrameError: {params['errorMessage']}")
+    return reports
+
+
+async def test_browser_cross_origin_upgrade_is_refused_before_the_callable(
+    tmp_path: Path,
+) -> None:
+    """CSWSH: a page from origin A opens a WebSocket to a server that allows only
+    another origin. Chromium sends its Origin, the server answers 403 without calling
+    the handshake callable, and the page sees only an error and close code 1006."""
+    calls: dict[str, list[str | None]] = {"refusing": [], "allowing": []}
+
+    def counting(name: str) -> Any:
+        def handshake(request: lightws.Request, response: lightws.Response) -> Any:
+            calls[name].append(request.origin)
+            return echo_handler
+
+        return handshake
+
+    def page(request: lightws.Request, response: lightws.Response) -> None:
+        response.headers["Content-Type"] = "text/html; charset=utf-8"
+        response.body = "<!doctype html><title>origin test</title><p>page from origin A"
+
+    async with serve(page, http_fallback=True) as site:
+        page_origin = f"http://127.0.0.1:{site.port}"
+        async with (
+            serve(counting("refusing"), origins=["http://allowed.example"]) as refusing,
+            serve(counting("allowing"), origins=[page_origin]) as allowing,
+        ):
+            urls = [f"ws://127.0.0.1:{s.port}/" for s in (refusing, allowing)]
+            async with chromium(tmp_path) as browser:
+                session = await browser.open_page(page_origin + "/")
+                for domain in ("Log", "Runtime", "Network"):
+                    await browser.call(f"{domain}.enable", session=session)
+                got = await browser.evaluate(session, ATTEMPTS.replace("URLS", json.dumps(urls)))
+                version = (await browser.call("Browser.getVersion"))["product"]
+                reports = refusal_reports(browser.events, urls[0])
+            failed = refusing.stats().handshakes_failed
+    print(f"\n{version} on the refused cross-origin upgrade:")
+    print(f"  page saw: {got[0]}")
+    for report in reports:
+        print(f"  {report}")
+    assert got[0] == {"seen": ["error", "close"], "code": 1006}
+    assert calls["refusing"] == []  # the callable never ran
+    assert failed == 1
+    # The control: the same page, a server allowing its origin.
+    assert got[1] == {"seen": ["open", "close"], "code": 1000}
+    assert calls["allowing"] == [page_origin]  # what Chromium sent as Origin
+    assert any("403" in report for report in reports), reports

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
@@ -111,3 +112,62 @@ def test_help_lists_the_echo_command() -> None:
     )
     assert result.returncode == 0
     assert "echo" in result.stdout
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lightws", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def assert_one_clean_error_line(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("lightws: error: "), lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_an_address_without_a_host_is_one_clean_error_line() -> None:
+    assert_one_clean_error_line(run_cli("echo", "--addr", "9001"), "9001")
+
+
+def test_swapped_cert_and_key_is_one_clean_error_line(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    cert = trustme.CA().issue_cert("localhost")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    result = run_cli(
+        "echo", "--addr", "127.0.0.1:0", "--cert", str(key_file), "--key", str(cert_file)
+    )
+    assert_one_clean_error_line(result)
+
+
+def test_a_missing_certificate_file_is_one_clean_error_line(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.pem")
+    result = run_cli("echo", "--addr", "127.0.0.1:0", "--cert", missing, "--key", missing)
+    assert_one_clean_error_line(result, "nope.pem")
+
+
+def test_an_address_in_use_is_one_clean_error_line() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert_one_clean_error_line(run_cli("echo", "--addr", f"127.0.0.1:{port}"), str(port))
+
+
+def test_cert_without_key_is_one_clean_error_line() -> None:
+    assert_one_clean_error_line(run_cli("echo", "--cert", "cert.pem"), "--cert", "--key")
+
+
+def test_a_negative_max_msg_len_is_one_clean_error_line() -> None:
+    result = run_cli("echo", "--addr", "127.0.0.1:0", "--max-msg-len", "-1")
+    assert_one_clean_error_line(result, "max_msg_len")

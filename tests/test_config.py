@@ -12,7 +12,7 @@ from typing import Any
 import lightws
 import pytest
 import trustme
-from conftest import echo_handshake, serve, url
+from conftest import echo_handshake, eventually, serve, url
 from rawws import BINARY, RawWebSocket, build_frame
 from websockets.asyncio.client import connect
 
@@ -176,8 +176,8 @@ async def test_port_zero_picks_an_ephemeral_port_reported_by_sockets() -> None:
         assert all(isinstance(sock, socket.socket) for sock in server.sockets)
 
 
-async def test_smallest_framing_buffers_still_carry_large_messages() -> None:
-    config = dict(ws_read_buffer=16, ws_write_buffer=16, max_msg_len=1 << 20)
+async def test_smallest_read_buffer_still_carries_large_messages() -> None:
+    config = dict(ws_read_buffer=16, max_msg_len=1 << 20)
     async with serve(**config) as server, connect(url(server)) as ws:
         for size in (0, 15, 16, 17, 125, 126, 65536, 300_000):
             data = bytes(i % 251 for i in range(size))
@@ -273,3 +273,14 @@ async def test_clients_vanishing_mid_handshake_do_not_disturb_the_server() -> No
         async with connect(url(server)) as ws:
             await ws.send("unbothered")
             assert await asyncio.wait_for(ws.recv(), 5) == "unbothered"
+
+
+async def test_rates_right_after_start_are_not_divided_by_milliseconds() -> None:
+    async with serve() as server:
+        async with connect(url(server)):
+            pass
+        await eventually(lambda: server.stats().handshakes == 1)
+        rate = server.stats().rates.handshakes
+    # One handshake within the first second is a rate of 1/s (less if this machine took
+    # longer than a second to get here), never 1 / (a few ms).
+    assert 0.0 < rate <= 1.0, rate

@@ -20,6 +20,7 @@ PUBLIC = {
     "Request",
     "Response",
     "Server",
+    "run",
 }
 
 

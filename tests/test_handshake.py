@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 from typing import Any
 
 import lightws
@@ -352,6 +354,118 @@ async def test_handshake_returning_something_not_callable_gets_500() -> None:
         with pytest.raises(InvalidStatus) as excinfo:
             await asyncio.wait_for(connect(url(server)), 5)
     assert excinfo.value.response.status_code == 500
+
+
+#: The prefix of every log line about a connection: "[host:port #id] ".
+PREFIX = re.compile(r"^\[127\.0\.0\.1:\d+ #\d+\] ")
+
+
+def lightws_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "lightws" and r.levelno >= logging.ERROR]
+
+
+async def test_handshake_returning_a_plain_function_gets_500_and_says_what_to_return(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ran: list[object] = []
+
+    def handler(conn: lightws.Connection) -> None:  # forgot "async"
+        ran.append(conn)
+
+    caplog.set_level(logging.ERROR, logger="lightws")
+    async with serve(lambda request, response: handler) as server:
+        with pytest.raises(InvalidStatus) as excinfo:
+            await asyncio.wait_for(connect(url(server)), 5)
+        assert excinfo.value.response.status_code == 500
+        await eventually(lambda: bool(lightws_errors(caplog)))
+    [record] = lightws_errors(caplog)
+    message = record.getMessage()
+    assert PREFIX.match(message), message
+    assert (
+        "the handshake must return an async function (async def handler(conn)) or None; "
+        "got <function " in message
+    )
+    assert "handler" in message
+
+
+async def test_handshake_returning_something_not_callable_logs_with_the_prefix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="lightws")
+    async with serve(lambda request, response: 42) as server:
+        with pytest.raises(InvalidStatus) as excinfo:
+            await asyncio.wait_for(connect(url(server)), 5)
+        assert excinfo.value.response.status_code == 500
+        await eventually(lambda: bool(lightws_errors(caplog)))
+    [record] = lightws_errors(caplog)
+    assert PREFIX.match(record.getMessage()), record.getMessage()
+    assert "got 42" in record.getMessage()
+
+
+async def test_subprotocol_not_offered_gets_500_and_logs_with_the_prefix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def handshake(request: lightws.Request, response: lightws.Response) -> Any:
+        response.subprotocol = "never-offered"
+        return echo_handler
+
+    caplog.set_level(logging.ERROR, logger="lightws")
+    async with serve(handshake) as server:
+        with pytest.raises(InvalidStatus) as excinfo:
+            await asyncio.wait_for(connect(url(server), subprotocols=["chat"]), 5)
+        assert excinfo.value.response.status_code == 500
+        await eventually(lambda: bool(lightws_errors(caplog)))
+    [record] = lightws_errors(caplog)
+    assert PREFIX.match(record.getMessage()), record.getMessage()
+    assert "never-offered" in record.getMessage()
+
+
+async def test_handler_that_cannot_be_called_gets_500_not_101(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def handler() -> None:  # takes no connection
+        pass
+
+    caplog.set_level(logging.ERROR, logger="lightws")
+    async with serve(lambda request, response: handler) as server:
+        with pytest.raises(InvalidStatus) as excinfo:
+            await asyncio.wait_for(connect(url(server)), 5)
+        assert excinfo.value.response.status_code == 500
+        await eventually(lambda: bool(lightws_errors(caplog)))
+    [record] = lightws_errors(caplog)
+    assert PREFIX.match(record.getMessage()), record.getMessage()
+    assert record.exc_info is not None  # the TypeError, with its traceback
+
+
+class AsyncCallable:
+    async def __call__(self, conn: lightws.Connection) -> None:
+        await echo_handler(conn)
+
+
+def wrapped(conn: lightws.Connection) -> Any:
+    """A plain function that returns the handler's coroutine (a decorator's wrapper)."""
+    return echo_handler(conn)
+
+
+async def reverse_echo(conn: lightws.Connection, reverse: bool) -> None:
+    await echo_handler(conn, reverse)
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        functools.partial(reverse_echo, reverse=False),
+        functools.partial(functools.partial(echo_handler), reverse=False),
+        AsyncCallable(),
+        wrapped,
+        lambda conn: echo_handler(conn),
+    ],
+    ids=["partial", "nested-partial", "async-call", "wrapper", "lambda"],
+)
+async def test_any_callable_returning_an_awaitable_is_a_handler(handler: Any) -> None:
+    async with serve(lambda request, response: handler) as server, connect(url(server)) as ws:
+        await ws.send("still a handler")
+        assert await asyncio.wait_for(ws.recv(), 5) == "still a handler"
 
 
 async def test_header_values_cannot_inject_lines_into_the_response() -> None:

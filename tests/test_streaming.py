@@ -11,8 +11,9 @@ import pytest
 from conftest import reporting_handshake, serve, url
 from rawws import RawWebSocket
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError
 
-OP_TEXT, OP_BINARY, OP_CONT, OP_PING = 1, 2, 0, 9
+OP_TEXT, OP_BINARY, OP_CONT, OP_CLOSE, OP_PING = 1, 2, 0, 8, 9
 
 
 async def test_reader_yields_a_fragmented_message_chunk_by_chunk_beyond_max_msg_len() -> None:
@@ -232,3 +233,90 @@ async def test_sends_from_other_tasks_wait_for_a_fragmented_message() -> None:
             for i in range(5):
                 assert await asyncio.wait_for(ws.recv(), 5) == f"small {i}"
         await asyncio.wait_for(outcome, 10)
+
+
+async def frames_until_close(ws: RawWebSocket) -> list[tuple[int, bool, bytes]]:
+    """Every frame up to and including the server's close frame."""
+    frames: list[tuple[int, bool, bytes]] = []
+    while True:
+        frame = await ws.recv_frame()
+        frames.append((frame.opcode, frame.fin, frame.payload))
+        if frame.opcode == OP_CLOSE:
+            return frames
+
+
+async def test_a_writer_left_by_an_exception_closes_1011_instead_of_ending_the_message() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        async with conn.writer(binary=False) as w:
+            await w.write("the first half, ")
+            raise RuntimeError("the source of the message failed")
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server:
+        async with await RawWebSocket.connect(server.port) as ws:
+            frames = await frames_until_close(ws)
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(outcome, 5)
+    # The fragment that went out, then the close: never a final frame, so the peer
+    # cannot take the first half for the whole message.
+    assert frames[0] == (OP_TEXT, False, b"the first half, ")
+    assert all(not fin for op, fin, _ in frames if op in (OP_TEXT, OP_BINARY, OP_CONT))
+    assert frames[-1][2][:2] == (1011).to_bytes(2, "big")
+
+
+async def test_a_writer_left_by_an_exception_is_never_a_complete_message_for_websockets() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        try:
+            async with conn.writer() as w:
+                await w.write(b"partial")
+                raise RuntimeError("boom")
+        except RuntimeError:
+            pass  # the handler carries on; the writer has closed the connection anyway
+        await asyncio.sleep(3600)
+
+    handshake, _ = reporting_handshake(body)
+    async with serve(handshake) as server, connect(url(server)) as ws:
+        with pytest.raises(ConnectionClosedError) as excinfo:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert excinfo.value.rcvd is not None and excinfo.value.rcvd.code == 1011
+
+
+async def test_a_cancelled_writer_closes_1011_instead_of_ending_the_message() -> None:
+    wrote = asyncio.Event()
+
+    async def stream(conn: lightws.Connection) -> None:
+        async with conn.writer() as w:
+            await w.write(b"x" * 1000)
+            wrote.set()
+            await asyncio.sleep(3600)  # waiting for more data that never comes
+
+    async def body(conn: lightws.Connection) -> Any:
+        task = asyncio.ensure_future(stream(conn))
+        await wrote.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return conn.closed
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server:
+        async with await RawWebSocket.connect(server.port) as ws:
+            frames = await frames_until_close(ws)
+        await asyncio.wait_for(outcome, 5)
+    assert frames[0] == (OP_BINARY, False, b"x" * 1000)
+    assert len(frames) == 2
+    assert frames[-1][2][:2] == (1011).to_bytes(2, "big")
+
+
+async def test_a_writer_left_by_an_exception_before_writing_sends_nothing() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        with pytest.raises(RuntimeError):
+            async with conn.writer():
+                raise RuntimeError("nothing written yet")
+        await conn.send("the connection is still fine")
+        return None
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server, connect(url(server)) as ws:
+        assert await asyncio.wait_for(ws.recv(), 5) == "the connection is still fine"
+        await asyncio.wait_for(outcome, 5)

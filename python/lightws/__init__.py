@@ -3,7 +3,7 @@
 Sockets, TLS, buffering and RFC 6455 framing run on tokio and rustls; Python supplies a
 handshake callable and a per-connection handler::
 
-    import asyncio, lightws
+    import lightws
 
     def handshake(request, response):
         async def handler(conn):
@@ -11,25 +11,24 @@ handshake callable and a per-connection handler::
                 await conn.send(msg)
         return handler
 
-    async def main():
-        config = lightws.Config(addr="127.0.0.1:9001", handshake=handshake)
-        async with lightws.Server(config) as server:
-            await server.serve_forever()
+    lightws.run(lightws.Config(addr="127.0.0.1:9001", handshake=handshake))
 
-    asyncio.run(main())
+``lightws.run`` serves until SIGINT/SIGTERM, then closes every client with 1001. Inside
+an event loop of your own, ``async with lightws.Server(config) as server:`` listens and
+closes every client with 1001 when the block ends.
 """
 
 from __future__ import annotations
 
 from ._lightws import Connection, Message
 from ._lightws import __version__ as __version__
+from ._run import run
 from ._types import CloseCode, LogLevel, Opcode
 from .config import Config, Handler, HandshakeFunc
 from .exceptions import (
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
-    InvalidHandshake,
     LightwsError,
     PayloadTooBig,
     ProtocolError,
@@ -47,7 +46,6 @@ __all__ = [
     "Handler",
     "HandshakeFunc",
     "Headers",
-    "InvalidHandshake",
     "LightwsError",
     "LogLevel",
     "Message",
@@ -59,4 +57,5 @@ __all__ = [
     "Response",
     "Server",
     "Stats",
+    "run",
 ]

@@ -5,7 +5,15 @@
     python -m lightws push      --addr 127.0.0.1:9001 --put-addr 127.0.0.1:9002
 
 Open http://127.0.0.1:9001/ in a browser for the demo's page. SIGINT/SIGTERM stop
-accepting, close every connection with 1001 (waiting up to close_timeout) and exit 0.
+accepting, close every connection with 1001 (waiting up to --close-timeout) and exit 0;
+a second SIGINT/SIGTERM during that wait aborts it (connections dropped, exit 0 too).
+A configuration mistake (a bad address, an unreadable or mismatched certificate, a port
+in use) prints one ``lightws: error: ...`` line on stderr and exits 2.
+
+For a public deployment (docs/security.md): --origin restricts which pages may connect
+(repeat it; list the demo page's own origin too, e.g. http://127.0.0.1:9001, and
+"--origin none" to admit clients that send no Origin header), --max-connections-per-ip
+caps each client address, --trusted-proxy names proxies whose X-Forwarded-For is believed.
 """
 
 from __future__ import annotations
@@ -15,12 +23,12 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import Config, HandshakeFunc, LogLevel, Server, _bench
+from ._run import ShutdownOnSignals
 from .demos import PushRegistry, countdown_handshake, echo_handshake
 
 __all__ = ["main"]
@@ -51,23 +59,43 @@ def _url(scheme: str, address: tuple[str, int], path: str = "/") -> str:
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}{path}"
 
 
+class _StartupError(Exception):
+    """The servers could not start: a configuration error, shown as one line (exit 2)."""
+
+
+def _error(message: object) -> int:
+    # One line, like argparse's own errors, and the same exit status (2): a mistake in
+    # the command line or its files is not worth a traceback.
+    print(f"lightws: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 async def _serve(
     config: Config, stats_interval: float | None, side: SideServers | None = None
 ) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
-            pass
+    shutdown = ShutdownOnSignals(_say)
     async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(Server(config))
+        stack.enter_context(shutdown)  # first: a signal during startup is not lost
+        try:
+            server = await stack.enter_async_context(Server(config))
+            extras = side() if side else []
+            for extra, _ in extras:
+                await stack.enter_async_context(extra)
+        except (ValueError, TypeError, OSError) as e:
+            # Server.start() reports every configuration mistake (bad address, unreadable
+            # or swapped certificate files, a port in use) as one of these.
+            raise _StartupError(e) from e
         tls = bool(config.cert_file)
         print(f"lightws listening on {_url('wss' if tls else 'ws', server.address)}", flush=True)
         print(f"open {_url('https' if tls else 'http', server.address)} in a browser", flush=True)
-        for extra, path in side() if side else []:
-            await stack.enter_async_context(extra)
+        if config.origins is not None:
+            allowed = ", ".join("(no Origin)" if o is None else o for o in config.origins)
+            print(f"WebSocket upgrades allowed from: {allowed or 'nowhere'}", flush=True)
+        for extra, path in extras:
             # Side servers never upgrade; they answer plain HTTP (http_fallback).
             print(f"HTTP endpoint on {_url('http', extra.address, path)}", flush=True)
 
@@ -78,10 +106,13 @@ async def _serve(
                 print(server.stats(), flush=True)
 
         reporter = asyncio.ensure_future(report()) if stats_interval else None
-        await stop.wait()
-        if reporter:
-            reporter.cancel()
-        print("lightws: shutting down", flush=True)
+        try:
+            # The first signal closes the side servers and the main one together; a
+            # second aborts what remains of that.
+            await shutdown.serve([*(extra for extra, _ in extras), server])
+        finally:
+            if reporter:
+                reporter.cancel()
     return 0
 
 
@@ -103,6 +134,14 @@ def _common_options() -> argparse.ArgumentParser:
     )
     common.add_argument("--threads", type=int, default=1, help="I/O threads (default 1)")
     common.add_argument(
+        "--close-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on shutdown, wait this long for clients to answer the close "
+        "(default %(default)s; a second SIGINT/SIGTERM stops waiting)",
+    )
+    common.add_argument(
         "--stats-interval",
         type=float,
         default=None,
@@ -110,7 +149,38 @@ def _common_options() -> argparse.ArgumentParser:
         help="print server stats every SECONDS",
     )
     common.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    common.add_argument(
+        "--origin",
+        action="append",
+        metavar="ORIGIN",
+        help="allow WebSocket upgrades only from this origin (scheme://host[:port]); "
+        "repeatable; 'none' admits requests without an Origin header (non-browser "
+        "clients). The demo page's own origin must be listed too. Default: any origin",
+    )
+    common.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer 429 beyond N connections from one address (IPv6: per /64); "
+        "0 (default) means no limit",
+    )
+    common.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="a proxy (IP address or CIDR network) whose X-Forwarded-For names the "
+        "client; repeatable",
+    )
     return common
+
+
+def _origins(values: list[str] | None) -> list[str | None] | None:
+    """``--origin`` values for Config.origins: ``none`` (any case) stands for None."""
+    if values is None:
+        return None
+    return [None if v.lower() == "none" else v for v in values]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,8 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         return _bench.run(args)
     if bool(args.cert) != bool(args.key):
-        print("--cert and --key go together", file=sys.stderr)
-        return 2
+        return _error("--cert and --key go together")
     level = LogLevel[args.log_level]
     logging.basicConfig(
         level=logging.DEBUG if level == LogLevel.DEBUG else logging.INFO,
@@ -197,8 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handshake, side = _demo(args, level)
     except ValueError as e:
-        print(f"lightws: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     config = Config(
         addr=args.addr,
         handshake=handshake,
@@ -208,17 +276,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_msg_len=args.max_msg_len,
         log_level=level,
         threads=args.threads,
+        origins=_origins(args.origin),
+        max_connections_per_ip=args.max_connections_per_ip,
+        trusted_proxies=args.trusted_proxy,
+        close_timeout=args.close_timeout,
     )
     run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     if args.uvloop:
-        import uvloop
-
+        try:
+            import uvloop
+        except ImportError:
+            return _error("--uvloop needs the uvloop package (pip install uvloop)")
         run = uvloop.run
     try:
         return run(_serve(config, args.stats_interval, side))
-    except OSError as e:
-        print(f"lightws: {e}", file=sys.stderr)
-        return 1
+    except _StartupError as e:
+        return _error(e)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,7 +14,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Config", "Handler", "HandshakeFunc"]
 
-#: A per-connection handler: ``async def handler(conn: Connection) -> None``.
+#: A per-connection handler: ``async def handler(conn: Connection) -> None``. Any
+#: callable whose call returns an awaitable works (``functools.partial`` of an async
+#: function, an object with ``async def __call__``); it is called just before the 101
+#: is sent, and one that raises or returns something else is answered with 500.
 Handler = Callable[["Connection"], Awaitable[None]]
 
 #: The handshake callable: ``(request, response) -> Handler | None``, sync or async.
@@ -54,11 +57,16 @@ class Config:
     #: Initial read size for frames (min 16); buffers grow to need and are released
     #: when the connection is idle. Default 4096.
     ws_read_buffer: int = 4096
-    #: Write buffer hint for frames (min 16). Default 4096.
+    #: Deprecated, no effect: lightws has no fixed-size frame write buffer (frames are
+    #: encoded straight into each connection's outbox, which grows to need and is
+    #: released once written). Still checked (min 16); a value other than the default
+    #: 4096 warns with DeprecationWarning at start. Will be removed.
     ws_write_buffer: int = 4096
     #: Count connections currently reading / writing in ``stats()``. Default False.
     io_statistics: bool = False
-    #: Level of the ``"lightws"`` logger's messages; DEBUG logs every frame.
+    #: What this server logs to the ``"lightws"`` logger; DEBUG logs every frame. A
+    #: filter per server: the logger's own level (never set by lightws) and handlers
+    #: still apply, so INFO/DEBUG records also need logging configured at that level.
     log_level: LogLevel = LogLevel.ERROR
     #: Seconds to complete the TLS handshake and receive the HTTP request. Default 3.
     handshake_read_timeout: float = 3.0
@@ -81,6 +89,24 @@ class Config:
     write_limit: int = 64 * 1024
     #: Answer 503 to connections beyond this many. 0 (default) means no limit.
     max_connections: int = 0
+    #: Origins allowed to open a WebSocket (defence against cross-site WebSocket
+    #: hijacking, RFC 6455 section 10.2): ``"scheme://host[:port]"`` entries such as
+    #: ``"https://app.example"``; scheme and host compare case-insensitively and a
+    #: default port (80/443) may be written or left out. A ``None`` entry admits requests
+    #: without an ``Origin`` header (non-browser clients). Any other upgrade gets 403
+    #: before the handshake callable runs. None (default) checks nothing. See
+    #: docs/security.md.
+    origins: Sequence[str | None] | None = None
+    #: Answer 429 to a client address's connections beyond this many (an IPv4 address,
+    #: or an IPv6 /64), counting those still in their handshake; before the handshake
+    #: callable runs. 0 (default) means no limit.
+    max_connections_per_ip: int = 0
+    #: Proxies (IP addresses or CIDR networks such as ``"10.0.0.0/8"``) whose
+    #: ``X-Forwarded-For`` header names the client: its right-most address that is not a
+    #: trusted proxy becomes ``request.remote_address`` (with port 0) and the address
+    #: ``max_connections_per_ip`` counts. Other peers' ``X-Forwarded-For`` is ignored.
+    #: Default ``()``.
+    trusted_proxies: Sequence[str] = ()
     #: listen() backlog. Default 1024.
     backlog: int = 1024
     #: Tokio worker threads doing the I/O. Default 1.

@@ -3,16 +3,22 @@
 All derive from :class:`LightwsError`::
 
     LightwsError
-    ├── ConnectionClosed          the connection is closed (.code, .reason)
-    │   ├── ConnectionClosedOK    closed with 1000 (normal) or 1001 (going away)
-    │   └── ConnectionClosedError closed with any other code, or dropped (1006)
-    ├── InvalidHandshake          a handshake could not be completed
-    ├── ProtocolError             the peer broke RFC 6455
-    └── PayloadTooBig             a message exceeded max_msg_len
+    └── ConnectionClosed              the connection is closed (.code, .reason)
+        ├── ConnectionClosedOK        closed with 1000 (normal) or 1001 (going away)
+        └── ConnectionClosedError     closed with any other code, or dropped (1006)
+            └── ProtocolError         closed with 1002 or 1007: the peer broke RFC 6455
+                └── PayloadTooBig     closed with 1009: a message over max_msg_len
+
+``recv()`` (and ``async for``, ``send()`` and the streaming reader and writer once the
+connection is closed) raise the class that matches the close code. ``ProtocolError``
+and ``PayloadTooBig`` are ``ConnectionClosedError`` subclasses, so ``except
+ConnectionClosed`` or ``except ConnectionClosedError`` catches them as well.
 
 Misuse of the API raises the usual built-ins: ``TypeError`` for a wrong type,
 ``ValueError`` for a wrong value (a control frame over 125 bytes, a close code that may
-not be sent, ...).
+not be sent, ...). A broken handshake is answered by the server itself (400, 405, 426,
+431, or 500 when the handshake callable failed) and never reaches Python as an
+exception.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionClosedError",
     "ConnectionClosedOK",
-    "InvalidHandshake",
     "LightwsError",
     "PayloadTooBig",
     "ProtocolError",
@@ -59,13 +64,21 @@ class ConnectionClosedError(ConnectionClosed):
     """The connection closed with an error code, or without a close frame (1006)."""
 
 
-class InvalidHandshake(LightwsError):
-    """The opening handshake failed."""
+class ProtocolError(ConnectionClosedError):
+    """The connection was closed with 1002 (protocol error) or 1007 (invalid data).
 
-
-class ProtocolError(LightwsError):
-    """The peer violated RFC 6455."""
+    lightws closes with these when the peer breaks RFC 6455: an unmasked frame, a
+    reserved opcode or RSV bit, a bad fragment sequence, invalid UTF-8 in a TEXT
+    message or a close reason, ... (``reason`` says which). A peer that closes with one
+    of these codes itself raises it too.
+    """
 
 
 class PayloadTooBig(ProtocolError):
-    """A message was larger than ``Config.max_msg_len``."""
+    """The connection was closed with 1009 (message too big).
+
+    lightws closes with 1009 when a message from the peer is larger than
+    ``Config.max_msg_len`` (decided from the frame header, before the payload is
+    buffered). A peer that closes with 1009 itself (one of our messages was over its own
+    limit) raises it too.
+    """

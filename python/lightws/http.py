@@ -129,7 +129,10 @@ class Request:
         query_all: every value of each query parameter.
         headers: case-insensitive :class:`Headers`.
         cookies: cookies from the ``Cookie`` header.
-        remote_address: the peer's ``(host, port)``.
+        remote_address: the peer's ``(host, port)``; behind a proxy listed in
+            ``Config.trusted_proxies``, the client's address from ``X-Forwarded-For``
+            with port 0.
+        origin: the ``Origin`` header (sent by browsers), or None.
         subprotocols: subprotocols offered in ``Sec-WebSocket-Protocol``, in order.
         upgrade: False for a plain HTTP request shown because of ``http_fallback``.
 
@@ -187,6 +190,16 @@ class Request:
         if self._headers is None:
             self._headers = _parse_raw_headers(self._raw_headers or "")
         return self._headers
+
+    @property
+    def origin(self) -> str | None:
+        """The ``Origin`` header, e.g. ``"https://app.example"``; None if absent.
+
+        Browsers send it with every WebSocket handshake and scripts cannot change it;
+        other clients may send anything. ``Config.origins`` checks it before the
+        handshake callable runs.
+        """
+        return self.headers.get("Origin")
 
     @property
     def query_all(self) -> dict[str, list[str]]:

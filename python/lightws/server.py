@@ -7,13 +7,15 @@ import inspect
 import logging
 import os
 import socket
+import warnings
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _lightws
 from ._lightws import Connection
 from ._types import LogLevel, Opcode
-from .config import Config, Handler
+from .config import Config
 from .http import Request, Response
 
 __all__ = ["Rates", "Server", "Stats"]
@@ -30,7 +32,15 @@ _LEVELS = {
 
 @dataclass(frozen=True)
 class Rates:
-    """Per-second rates of the cumulative counters over the last 30 seconds."""
+    """Per-second rates of the cumulative counters over the last 30 seconds.
+
+    Each rate is the counter's growth divided by the span it grew over: the last 30 s
+    (up to 31: the server samples its counters once a second), or the time since the
+    server started while that is shorter, but never less than one second. So a server
+    younger than a second reports its counts as the rate of its first second (one
+    handshake 8 ms after start is 1.0/s, not 125/s), and rates are never inflated by a
+    short span.
+    """
 
     #: Completed handshakes per second.
     handshakes: float = 0.0
@@ -74,7 +84,8 @@ class Stats:
     frames_in: dict[Opcode, int] = field(default_factory=dict)
     #: Frames sent, per opcode.
     frames_out: dict[Opcode, int] = field(default_factory=dict)
-    #: Per-second rates of the counters over the last 30 seconds.
+    #: Per-second rates of the counters over the last 30 seconds (see :class:`Rates`
+    #: for a server younger than that).
     rates: Rates = field(default_factory=Rates)
 
     def __str__(self) -> str:
@@ -123,6 +134,9 @@ class Server:
         self._closed: asyncio.Future[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._sockets: list[socket.socket] = []
+        #: The Python level of Config.log_level: this server's records below it are
+        #: dropped (see _log).
+        self._level = logging.ERROR
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -142,18 +156,27 @@ class Server:
             raise ValueError(
                 f"Config.log_level must be a lightws.LogLevel, not {cfg.log_level!r}"
             ) from None
-        if logger.level == logging.NOTSET:
-            logger.setLevel(_LEVELS[level])
+        # NOTE: the "lightws" logger's level is left alone: it is the application's, and
+        # two servers with different log levels would fight over it. Each server drops
+        # its own records below its Config.log_level instead (_log; the Rust side does
+        # the same per connection, before a record ever crosses to Python).
+        self._level = _LEVELS[level]
         loop = asyncio.get_running_loop()
-        core = _lightws.Core(cfg, self._dispatch, self._log, loop)
+        core = _lightws.Core(cfg, self._dispatch, self._log, loop)  # checks every field
+        if cfg.ws_write_buffer != Config.ws_write_buffer:
+            warnings.warn(
+                "Config.ws_write_buffer has no effect (frames go straight into each "
+                "connection's outbox, sized to need) and will be removed",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         core.start()
         self._loop = loop
         self._core = core
         self._closed = loop.create_future()
         loop.add_reader(core.fd(), core.drain)
-        addr = core.address()
-        logger.info(
-            "lightws listening on %s:%s%s", *(addr or ("?", 0)), " (TLS)" if core.tls else ""
+        self._log_server(
+            logging.INFO, "lightws listening on %s%s", self._where(), " (TLS)" if core.tls else ""
         )
 
     @property
@@ -221,6 +244,27 @@ class Server:
             self._closing = asyncio.ensure_future(self._close())
         await asyncio.shield(self._closing)
 
+    def abort(self) -> None:
+        """Stop at once: stop accepting, drop every connection without a close handshake
+        (their clients see 1006) and cancel the handler tasks and pending handshakes.
+
+        Does not wait: a :meth:`close` in progress (one held up by clients that do not
+        answer within ``close_timeout``, say) then returns promptly, and ``await
+        server.close()`` after ``abort()`` finishes stopping. This is what a second
+        SIGINT/SIGTERM does under :func:`lightws.run`."""
+        core = self._core
+        if core is None or self._closed is None or self._closed.done():
+            return
+        core.stop_accepting()
+        conns = core.connections()
+        # A handler's task ending cancelled aborts its connection too (Connection
+        # _handler_done); conn.abort() covers connections whose handler has ended.
+        for conn in conns:
+            conn.abort()
+        handlers = [t for c in conns if (t := c._handler_task) is not None]
+        for t in [*self._tasks, *handlers]:
+            t.cancel()
+
     async def _close(self) -> None:
         core = self._core
         loop = self._loop
@@ -244,11 +288,12 @@ class Server:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
+        where = self._where()
         loop.remove_reader(core.fd())
         core.shutdown()
         if not self._closed.done():
             self._closed.set_result(None)
-        logger.info("lightws server closed")
+        self._log_server(logging.INFO, "lightws server on %s closed", where)
 
     async def reload_certificates(self) -> None:
         """Re-read ``cert_file``/``key_file``; new TLS handshakes use the new
@@ -266,7 +311,8 @@ class Server:
     # -- introspection -----------------------------------------------------------------
 
     def stats(self) -> Stats:
-        """A snapshot of the counters, with rates over the last 30 seconds."""
+        """A snapshot of the counters, with rates over the last 30 seconds (since start
+        if the server is younger, but at least over one second: see :class:`Rates`)."""
         d = self._require_core().stats()
         r = d["rates"]
         return Stats(
@@ -302,9 +348,21 @@ class Server:
 
     # -- called from the native core on the loop thread ----------------------------------
 
+    def _where(self) -> str:
+        addr = self._core.address() if self._core is not None else None
+        return _host_port(*addr) if addr else "?"
+
+    def _log_server(self, level: int, msg: str, *args: object) -> None:
+        """Log a record about the server itself, if this server's log_level allows."""
+        if level >= self._level and logger.isEnabledFor(level):
+            logger.log(level, msg, *args)
+
     def _log(self, level: int, conn_id: int | None, addr: str | None, msg: str) -> None:
         pylevel = _LEVELS.get(LogLevel(level), logging.ERROR)
-        if not logger.isEnabledFor(pylevel):
+        # This server's level first (the Rust side already applied it to most records),
+        # then the logger's effective level: the application's logging configuration
+        # still decides what is shown.
+        if pylevel < self._level or not logger.isEnabledFor(pylevel):
             return
         extra = {"conn_id": conn_id, "remote_address": addr}
         if conn_id is not None:
@@ -348,11 +406,8 @@ class Server:
         self._finish(conn, request, response, result)
 
     def _handshake_failed(self, conn: Connection, request: Request) -> None:
-        logger.exception(
-            "[%s:%s #%d] handshake callable raised for %s",
-            *request.remote_address,
-            conn.id,
-            request.target,
+        _conn_log(
+            logging.ERROR, conn, "handshake callable raised for %s", request.target, exc_info=True
         )
         _reject(conn, 500, [], b"Internal Server Error")
 
@@ -366,39 +421,72 @@ class Server:
             _reject(conn, status, response.headers.raw_items(), response.body)
             return
         if not callable(result):
-            logger.error("handshake callable must return an async handler or None, got %r", result)
+            _conn_log(logging.ERROR, conn, "%s; got %r", _HANDLER_HINT, result)
             _reject(conn, 500, [], b"Internal Server Error")
             return
         sub = response.subprotocol
         if sub is not None and sub not in request.subprotocols:
-            logger.error(
+            _conn_log(
+                logging.ERROR,
+                conn,
                 "response.subprotocol %r was not offered by the client (offered: %r)",
                 sub,
                 request.subprotocols,
             )
             _reject(conn, 500, [], b"Internal Server Error")
             return
+        # Call the handler before the 101 goes out, so that a handler that is not async
+        # is refused with a 500 rather than accepted and closed with 1011 at once. For an
+        # async function (also behind functools.partial or an async __call__) the call
+        # only creates the coroutine: none of its code runs before the 101. Whether a
+        # plain function returns an awaitable (a decorator's wrapper, a lambda) can only
+        # be known by calling it, so any callable that returns an awaitable is accepted.
+        try:
+            running = result(conn)
+        except Exception:
+            _conn_log(
+                logging.ERROR,
+                conn,
+                "the handler %r raised when called with the connection; answering 500",
+                result,
+                exc_info=True,
+            )
+            _reject(conn, 500, [], b"Internal Server Error")
+            return
+        if not inspect.isawaitable(running):
+            _conn_log(
+                logging.ERROR,
+                conn,
+                "%s; got %r, which returned %r instead of an awaitable",
+                _HANDLER_HINT,
+                result,
+                running,
+            )
+            _reject(conn, 500, [], b"Internal Server Error")
+            return
         try:
             conn._accept(response.headers.raw_items(), sub)
         except ValueError:
-            logger.exception("invalid handshake response")
+            _discard(running)
+            _conn_log(logging.ERROR, conn, "invalid handshake response", exc_info=True)
             _reject(conn, 500, [], b"Internal Server Error")
             return
         request._compact()
-        self._start_handler(result, conn)
+        self._start_handler(running, conn)
 
-    def _start_handler(self, handler: Handler, conn: Connection) -> None:
+    def _start_handler(self, running: Awaitable[Any], conn: Connection) -> None:
         # NOTE: the handler coroutine runs as the task itself, with a done callback for
         # the close, instead of under a wrapper coroutine: one coroutine frame less per
-        # connection (about 0.5 KiB of an idle connection's memory).
+        # connection (about 0.5 KiB of an idle connection's memory). Only an awaitable
+        # that is not a coroutine (rare) needs the wrapper.
         assert self._loop is not None
+        coro = running if asyncio.iscoroutine(running) else _await(running)
         try:
-            task: asyncio.Task[None] = self._loop.create_task(handler(conn))  # type: ignore[arg-type]
+            task: asyncio.Task[None] = self._loop.create_task(coro)
         except Exception:
-            logger.exception(
-                "[%s:%s #%d] handler could not start; closing with 1011",
-                *conn.remote_address,
-                conn.id,
+            _discard(coro)
+            _conn_log(
+                logging.ERROR, conn, "handler could not start; closing with 1011", exc_info=True
             )
             _ = conn.close(1011)
             return
@@ -411,25 +499,60 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
 
+#: What the handshake callable may return, for the error logged when it returned
+#: something else.
+_HANDLER_HINT = "the handshake must return an async function (async def handler(conn)) or None"
+
+
+def _host_port(host: str, port: int) -> str:
+    """``host:port`` as the Rust side prints a socket address (IPv6 in brackets), so that
+    the records from both halves carry the same ``[host:port #id]`` prefix."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _conn_log(
+    level: int,
+    conn: Connection,
+    msg: str,
+    *args: object,
+    exc_info: BaseException | bool | None = None,
+) -> None:
+    """Log ``msg % args`` about ``conn`` with the ``[host:port #id]`` prefix and the
+    ``conn_id``/``remote_address`` record attributes, as the Rust side's records."""
+    if not logger.isEnabledFor(level):
+        return
+    addr = _host_port(*conn.remote_address)
+    logger.log(
+        level,
+        "[%s #%d] " + msg,
+        addr,
+        conn.id,
+        *args,
+        exc_info=exc_info,
+        extra={"conn_id": conn.id, "remote_address": addr},
+    )
+
+
 def _handler_failed(conn: Connection, exc: BaseException) -> None:
     """Called by the connection when its handler raised (it then closes with 1011)."""
-    logger.error(
-        "[%s:%s #%d] handler raised; closing with 1011",
-        *conn.remote_address,
-        conn.id,
-        exc_info=exc,
-    )
+    _conn_log(logging.ERROR, conn, "handler raised; closing with 1011", exc_info=exc)
 
 
 def _reject(conn: Connection, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
     try:
         conn._reject(status, headers, body)
     except ValueError:
-        logger.exception("invalid handshake response")
+        _conn_log(logging.ERROR, conn, "invalid handshake response", exc_info=True)
         conn._reject(500, [], b"Internal Server Error")
     except RuntimeError:
         pass  # already answered
 
 
-async def _await(aw: Any) -> None:
+def _discard(running: object) -> None:
+    """Close a handler coroutine that will never run (no "never awaited" warning)."""
+    if asyncio.iscoroutine(running):
+        running.close()
+
+
+async def _await(aw: Awaitable[Any]) -> None:
     await aw

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -17,25 +16,6 @@ __all__ = ["MessageReader", "MessageWriter"]
 
 #: Connection id -> the task holding its open writer (to refuse a nested writer).
 _writers: dict[int, asyncio.Task[Any]] = {}
-
-
-def _chain(source: Awaitable[Any], target: asyncio.Future[Any]) -> None:
-    """Complete ``target`` like ``source`` (used by the native send queue)."""
-
-    def done(f: asyncio.Future[Any]) -> None:
-        # Retrieve the outcome even when nobody waits for it any more (the sender was
-        # cancelled): else asyncio logs "Future exception was never retrieved".
-        exc = None if f.cancelled() else f.exception()
-        if target.done():
-            return
-        if f.cancelled():
-            target.cancel()
-        elif exc is not None:
-            target.set_exception(exc)
-        else:
-            target.set_result(None)
-
-    asyncio.ensure_future(source).add_done_callback(done)
 
 
 class MessageReader:
@@ -74,8 +54,13 @@ class MessageWriter:
     """Sends one message as a sequence of frames. Use as ``async with conn.writer()``.
 
     ``await w.write(chunk)`` sends a frame per call (``str`` chunks for a TEXT writer,
-    bytes-like for BINARY); leaving the block sends the final frame, also when the block
-    raised (the peer then gets the part written so far as a complete message).
+    bytes-like for BINARY); leaving the block normally sends the final frame.
+
+    Leaving the block with an exception (``CancelledError`` included) never completes the
+    message: if part of it went out, the connection is closed with 1011 (internal error)
+    right after that part, so the peer cannot mistake it for the whole message; if
+    nothing went out, nothing is sent and the connection stays usable. The exception
+    propagates either way.
     """
 
     def __init__(self, conn: Connection, binary: bool = True) -> None:
@@ -112,8 +97,12 @@ class MessageWriter:
             data = chunk.encode()
         if not data:
             return
-        await self._conn._send_frame(self._opcode(), data, False)
+        # The frame is queued by the call itself; the await only waits for room under
+        # write_limit. Mark the message started before awaiting, so that a cancellation
+        # during the wait still counts this fragment as sent (see __aexit__).
+        sent = self._conn._send_frame(self._opcode(), data, False)
         self._started = True
+        await sent
 
     def _opcode(self) -> int:
         if self._started:
@@ -128,7 +117,14 @@ class MessageWriter:
     ) -> None:
         self._open = False
         try:
-            if not self._conn.closed:
+            if exc is not None:
+                if self._started and not self._conn.closed:
+                    # A final frame now would hand the peer a truncated message as if it
+                    # were complete. The close frame is queued by the call, right after
+                    # the fragments; the close handshake finishes without us (awaiting
+                    # it here could itself be cancelled, or hold up the exception).
+                    _ = self._conn.close(1011, "message aborted")
+            elif not self._conn.closed:
                 # RFC 6455 5.4: the message ends with a frame that has FIN set; an empty
                 # writer sends one empty final TEXT/BINARY frame, never a lone
                 # continuation.
