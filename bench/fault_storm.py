@@ -54,7 +54,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SERVER_SCRIPT = HERE / "storm_server.py"
-sys.path.insert(0, str(HERE.parent / "tests"))
+if str(HERE.parent / "tests") not in sys.path:
+    sys.path.append(str(HERE.parent / "tests"))
 
 import rawws  # noqa: E402 - frame encoding and the upgrade request, shared with the tests
 from rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, build_frame  # noqa: E402

@@ -28,7 +28,8 @@ import pytest
 from conftest import serve
 from rawws import RawWebSocket, upgrade_request
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+# Appended, not prepended: bench/ holds scripts whose names must not shadow anything.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))
 
 import fault_storm  # bench/fault_storm.py: the one implementation of the storm
 
