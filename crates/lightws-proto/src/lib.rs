@@ -16,6 +16,7 @@
 //! (`lightws`, the repository root) and the load generator (`lightws-loadgen`)
 //! both use it.
 
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod outq;
