@@ -287,6 +287,10 @@ pub struct Decoder {
     /// Bytes of a code point split across chunks (at most 3 are ever kept).
     utf8_pending: [u8; 4],
     utf8_pending_len: u8,
+    /// RSV1 may mark a data message compressed (permessage-deflate negotiated).
+    rsv1_allowed: bool,
+    /// The current (or last) data message had RSV1 on its first frame.
+    compressed: bool,
 }
 
 impl Decoder {
@@ -304,7 +308,22 @@ impl Decoder {
             first: true,
             utf8_pending: [0; 4],
             utf8_pending_len: 0,
+            rsv1_allowed: false,
+            compressed: false,
         }
+    }
+
+    /// permessage-deflate was negotiated (RFC 7692): RSV1 on the first frame of a data
+    /// message marks it compressed instead of failing with 1002. RSV1 on a control
+    /// frame or a continuation, and RSV2/RSV3, still fail.
+    pub fn allow_rsv1(&mut self, allowed: bool) {
+        self.rsv1_allowed = allowed;
+    }
+
+    /// Whether the data message being read (or the last one) is compressed: its first
+    /// frame had RSV1. Its payload is handed out as received, not UTF-8 checked.
+    pub fn message_compressed(&self) -> bool {
+        self.compressed
     }
 
     /// Change the message size limit. It takes effect from the next frame
@@ -379,12 +398,14 @@ impl Decoder {
         // for the rest of the header so a bad peer fails as early as possible.
 
         // RFC 6455 5.2: RSV1-3 MUST be 0 unless an extension defining them
-        // was negotiated; none is.
-        if b0 & 0x70 != 0 {
+        // was negotiated. permessage-deflate (RFC 7692 6.1) defines RSV1, on the
+        // first frame of a data message only.
+        let raw_opcode = b0 & 0x0F;
+        let rsv = b0 & 0x70;
+        if rsv != 0 && !(rsv == 0x40 && self.rsv1_allowed && matches!(raw_opcode, 1 | 2)) {
             return Err(ProtocolError::ReservedBits);
         }
         // RFC 6455 5.2: an unknown opcode MUST fail the connection.
-        let raw_opcode = b0 & 0x0F;
         let opcode =
             OpCode::from_u8(raw_opcode).ok_or(ProtocolError::ReservedOpcode(raw_opcode))?;
         let fin = b0 & 0x80 != 0;
@@ -485,6 +506,7 @@ impl Decoder {
                 self.message = Some(opcode);
                 self.first = true;
                 self.utf8_pending_len = 0;
+                self.compressed = rsv != 0;
                 opcode
             }
         };
@@ -520,7 +542,8 @@ impl Decoder {
         frame.remaining -= n as u64;
         frame.offset = (frame.offset + (n & 3)) & 3;
         let fin = frame.fin && frame.remaining == 0;
-        if frame.opcode == OpCode::Text {
+        // A compressed message's UTF-8 is checked after inflating (the session).
+        if frame.opcode == OpCode::Text && !self.compressed {
             self.validate_text(chunk, fin)?;
         }
         let first = std::mem::replace(&mut self.first, false);
@@ -741,6 +764,71 @@ pub fn close_payload(code: Option<u16>, reason: &str) -> Vec<u8> {
             p.extend_from_slice(&code.to_be_bytes());
             p.extend_from_slice(reason.as_bytes());
             p
+        }
+    }
+}
+
+#[cfg(test)]
+mod rsv1_tests {
+    //! RSV1 with permessage-deflate negotiated (RFC 7692 6.1).
+    use super::*;
+
+    fn frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        encode_frame(&mut f, true, OpCode::Binary, payload, Some([1, 2, 3, 4]));
+        f[0] = b0;
+        f
+    }
+
+    fn decode_all(d: &mut Decoder, mut bytes: Vec<u8>) -> Result<Vec<bool>, ProtocolError> {
+        let mut firsts = Vec::new();
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let (n, ev) = d.decode(&mut bytes[pos..])?;
+            if let Some(Event::Data { first: true, .. }) = ev {
+                firsts.push(d.message_compressed());
+            }
+            pos += n;
+        }
+        Ok(firsts)
+    }
+
+    #[test]
+    fn rsv1_without_the_extension_is_a_protocol_error() {
+        let mut d = Decoder::new(Role::Server, None);
+        let e = decode_all(&mut d, frame(0xc1, b"x")).unwrap_err();
+        assert_eq!(e, ProtocolError::ReservedBits);
+        assert_eq!(e.close_code(), 1002);
+    }
+
+    #[test]
+    fn rsv1_marks_the_first_frame_of_a_data_message_compressed() {
+        let mut d = Decoder::new(Role::Server, None);
+        d.allow_rsv1(true);
+        // Not UTF-8: a compressed text payload is not checked by the decoder.
+        let mut bytes = frame(0x41, &[0xff, 0x00]); // TEXT, RSV1, no FIN
+        bytes.extend(frame(0x80, b"x")); // CONTINUATION, FIN
+        bytes.extend(frame(0x82, b"plain")); // BINARY, FIN
+        assert_eq!(decode_all(&mut d, bytes), Ok(vec![true, false]));
+    }
+
+    #[test]
+    fn rsv1_on_a_continuation_or_a_control_frame_and_rsv2_rsv3_still_fail() {
+        for bad in [
+            {
+                let mut b = frame(0x02, b"a");
+                b.extend(frame(0xc0, b"b"));
+                b
+            },
+            frame(0xc9, b""),  // PING with RSV1
+            frame(0xc8, b""),  // CLOSE with RSV1
+            frame(0xa2, b"x"), // RSV2
+            frame(0x92, b"x"), // RSV3
+            frame(0xe2, b"x"), // RSV1+RSV2
+        ] {
+            let mut d = Decoder::new(Role::Server, None);
+            d.allow_rsv1(true);
+            assert_eq!(decode_all(&mut d, bad), Err(ProtocolError::ReservedBits));
         }
     }
 }

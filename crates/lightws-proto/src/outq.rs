@@ -9,17 +9,52 @@
 //! every chunk at once for `writev`.
 //!
 //! An empty queue holds no buffer: an idle connection pays for the struct only.
+//!
+//! A third kind of item exists only in the application's queue, never in one being
+//! written: a whole message to compress (permessage-deflate), queued uncompressed by
+//! the loop thread ([`OutQueue::push_compress`]) so that compression runs on the
+//! connection's tokio thread, where the session turns it into a frame in order
+//! ([`OutQueue::into_items`]).
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
 use bytes::Bytes;
 
+use crate::frame::OpCode;
+
+/// One item of a queue.
+enum Chunk {
+    Bytes(Bytes),
+    /// A data message to compress and frame (counted in `len` by its raw size).
+    Compress(Box<(OpCode, Bytes)>),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Bytes(b) => b,
+            Chunk::Compress(_) => {
+                debug_assert!(false, "a message to compress reached the writer");
+                &[]
+            }
+        }
+    }
+}
+
+/// An item taken out of a queue by [`OutQueue::into_items`].
+pub enum OutItem {
+    /// Encoded frames.
+    Frames(Bytes),
+    /// A whole data message to compress and frame.
+    Compress(OpCode, Bytes),
+}
+
 /// See the module documentation.
 #[derive(Default)]
 pub struct OutQueue {
     /// Whole chunks, oldest first; the front one may be partly written (`pos`).
-    chunks: VecDeque<Bytes>,
+    chunks: VecDeque<Chunk>,
     /// Frames appended after every chunk, not yet closed into a chunk. When `chunks`
     /// is empty it is the front, and `pos` applies to it.
     tail: Vec<u8>,
@@ -27,6 +62,8 @@ pub struct OutQueue {
     pos: usize,
     /// Unwritten bytes in all.
     len: usize,
+    /// Messages to compress among the chunks.
+    compress: usize,
 }
 
 impl OutQueue {
@@ -36,7 +73,46 @@ impl OutQueue {
             tail: Vec::new(),
             pos: 0,
             len: 0,
+            compress: 0,
         }
+    }
+
+    /// Queue a whole data message to be compressed and framed by the session (see the
+    /// module documentation). Counted in [`OutQueue::len`] by its raw size.
+    pub fn push_compress(&mut self, opcode: OpCode, data: Bytes) {
+        self.close_tail();
+        self.len += data.len();
+        self.compress += 1;
+        self.chunks
+            .push_back(Chunk::Compress(Box::new((opcode, data))));
+    }
+
+    /// Whether messages to compress are queued.
+    pub fn has_compress(&self) -> bool {
+        self.compress > 0
+    }
+
+    /// Every item, in order (a partly written front keeps only its unwritten part).
+    pub fn into_items(mut self) -> Vec<OutItem> {
+        self.close_tail();
+        let mut skip = self.pos;
+        let mut out = Vec::with_capacity(self.chunks.len());
+        for c in std::mem::take(&mut self.chunks) {
+            match c {
+                Chunk::Bytes(b) => {
+                    let b = if skip > 0 { b.slice(skip..) } else { b };
+                    skip = 0;
+                    if !b.is_empty() {
+                        out.push(OutItem::Frames(b));
+                    }
+                }
+                Chunk::Compress(m) => {
+                    let (op, data) = *m;
+                    out.push(OutItem::Compress(op, data));
+                }
+            }
+        }
+        out
     }
 
     /// Unwritten bytes.
@@ -73,14 +149,14 @@ impl OutQueue {
         }
         self.close_tail();
         self.len += chunk.len();
-        self.chunks.push_back(chunk);
+        self.chunks.push_back(Chunk::Bytes(chunk));
     }
 
     /// Close the tail into a chunk, so that what follows goes after it.
     fn close_tail(&mut self) {
         if !self.tail.is_empty() {
             let tail = std::mem::take(&mut self.tail);
-            self.chunks.push_back(Bytes::from(tail));
+            self.chunks.push_back(Chunk::Bytes(Bytes::from(tail)));
         }
     }
 
@@ -99,12 +175,13 @@ impl OutQueue {
         taken.close_tail();
         // The other's written prefix (if any) is dropped from its front chunk.
         if taken.pos > 0 {
-            if let Some(front) = taken.chunks.front_mut() {
+            if let Some(Chunk::Bytes(front)) = taken.chunks.front_mut() {
                 *front = front.slice(taken.pos..);
             }
         }
         self.close_tail();
         self.len += taken.len;
+        self.compress += taken.compress;
         self.chunks.extend(taken.chunks);
     }
 
@@ -120,7 +197,7 @@ impl OutQueue {
         for chunk in self
             .chunks
             .iter()
-            .map(|c| &c[..])
+            .map(Chunk::bytes)
             .chain(std::iter::once(&self.tail[..]))
         {
             if n == dst.len() {
@@ -139,7 +216,7 @@ impl OutQueue {
     /// The first unwritten bytes (for writers without vectored writes).
     pub fn front(&self) -> &[u8] {
         match self.chunks.front() {
-            Some(c) => &c[self.pos..],
+            Some(c) => &c.bytes()[self.pos..],
             None => &self.tail[self.pos..],
         }
     }
@@ -152,7 +229,7 @@ impl OutQueue {
         while n > 0 {
             match self.chunks.front() {
                 Some(c) => {
-                    let left = c.len() - self.pos;
+                    let left = c.bytes().len() - self.pos;
                     if n >= left {
                         n -= left;
                         self.chunks.pop_front();
@@ -186,7 +263,7 @@ impl OutQueue {
 
     /// Bytes of buffer this queue holds (for memory accounting in tests).
     pub fn capacity(&self) -> usize {
-        self.tail.capacity() + self.chunks.capacity() * std::mem::size_of::<Bytes>()
+        self.tail.capacity() + self.chunks.capacity() * std::mem::size_of::<Chunk>()
     }
 }
 
@@ -258,6 +335,30 @@ mod tests {
         let mut e = OutQueue::new();
         e.append(&mut a);
         assert_eq!(e.to_vec(), b"12yzS");
+    }
+
+    #[test]
+    fn messages_to_compress_keep_their_place() {
+        let mut q = OutQueue::new();
+        q.push_with(|b| b.extend_from_slice(b"ab"));
+        q.push_compress(OpCode::Text, Bytes::from_static(b"hello"));
+        q.push_chunk(Bytes::from_static(b"S"));
+        assert!(q.has_compress());
+        assert_eq!(q.len(), 8);
+        let mut other = OutQueue::new();
+        other.push_with(|b| b.extend_from_slice(b"0"));
+        other.append(&mut q);
+        assert!(other.has_compress());
+        let items = other.into_items();
+        let shown: Vec<String> = items
+            .iter()
+            .map(|i| match i {
+                OutItem::Frames(b) => String::from_utf8_lossy(b).into_owned(),
+                OutItem::Compress(op, d) => format!("{op:?}:{}", String::from_utf8_lossy(d)),
+            })
+            .collect();
+        assert_eq!(shown, ["0", "ab", "Text:hello", "S"]);
+        assert_eq!(std::mem::size_of::<Chunk>(), std::mem::size_of::<Bytes>());
     }
 
     #[test]

@@ -18,8 +18,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::deflate::{Compressor, Decompressor, DeflateParams, InflateError, Utf8Check};
 use crate::frame::{self, Decoder, Event, OpCode, Role};
-use crate::outq::OutQueue;
+use crate::outq::{OutItem, OutQueue};
 
 /// Close code reported when the connection ended without a close frame (RFC 6455 7.1.5).
 pub const ABNORMAL_CLOSURE: u16 = 1006;
@@ -136,6 +137,9 @@ pub trait Io {
     fn frame_out(&mut self, _op: OpCode) {}
     /// The session queued `n` bytes of its own (a pong, a close, a keepalive ping).
     fn output_added(&mut self, _n: usize) {}
+    /// Application output queued as `queued` bytes became `now` bytes of output (its
+    /// messages to compress were compressed).
+    fn output_resized(&mut self, _queued: usize, _now: usize) {}
     fn log_enabled(&self, _level: LogLevel) -> bool {
         false
     }
@@ -182,6 +186,22 @@ pub struct Session {
     last_rx: Instant,
     /// When our unanswered keepalive ping went out.
     ping_sent: Option<Instant>,
+    /// permessage-deflate, when negotiated (one pointer otherwise).
+    deflate: Option<Box<DeflateSession>>,
+}
+
+/// A connection's permessage-deflate state (RFC 7692): each direction's codec (which
+/// holds only its context-takeover window between messages, see deflate.rs) and the
+/// progress of the compressed message being received.
+struct DeflateSession {
+    params: DeflateParams,
+    inflater: Decompressor,
+    deflater: Compressor,
+    /// The data message being received is compressed.
+    inflating: bool,
+    /// Inflated bytes of that message so far (bounded by max_msg_len).
+    inflated: u64,
+    utf8: Utf8Check,
 }
 
 impl Session {
@@ -203,6 +223,7 @@ impl Session {
             last_activity: now,
             last_rx: now,
             ping_sent: None,
+            deflate: None,
             cfg,
         };
         s.arm_keepalive();
@@ -211,6 +232,37 @@ impl Session {
 
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// permessage-deflate was negotiated with `params` (before any frame): RSV1 marks
+    /// compressed messages, and [`OutQueue::push_compress`] items are compressed.
+    pub fn set_deflate(&mut self, params: DeflateParams) {
+        let (inbound, outbound) = match self.cfg.role {
+            Role::Server => (params.client_direction(), params.server_direction()),
+            Role::Client => (params.server_direction(), params.client_direction()),
+        };
+        self.decoder.allow_rsv1(true);
+        self.deflate = Some(Box::new(DeflateSession {
+            params,
+            inflater: Decompressor::new(inbound),
+            deflater: Compressor::new(outbound, params.level),
+            inflating: false,
+            inflated: 0,
+            utf8: Utf8Check::default(),
+        }));
+    }
+
+    /// The negotiated permessage-deflate parameters, if any.
+    pub fn deflate_params(&self) -> Option<DeflateParams> {
+        self.deflate.as_ref().map(|d| d.params)
+    }
+
+    /// Bytes of compression state held between messages (the context-takeover
+    /// windows), for memory accounting.
+    pub fn deflate_retained(&self) -> usize {
+        self.deflate
+            .as_ref()
+            .map_or(0, |d| d.inflater.retained() + d.deflater.retained())
     }
 
     /// Frames sent by this end must be masked (the client role, RFC 6455 5.3).
@@ -327,6 +379,13 @@ impl Session {
                 }
                 if first {
                     self.streaming = io.take_stream_request();
+                    if let Some(d) = self.deflate.as_mut() {
+                        d.inflating = self.decoder.message_compressed();
+                    }
+                }
+                if self.deflate.as_ref().is_some_and(|d| d.inflating) {
+                    self.on_compressed(opcode, payload, first, fin, now, io);
+                    return;
                 }
                 if self.streaming {
                     if fin {
@@ -399,6 +458,83 @@ impl Session {
         }
     }
 
+    /// A chunk of a compressed data message (RFC 7692 §7.2.2): inflate it, bounded by
+    /// max_msg_len (streamed messages too: a deflate bomb would otherwise outrun the
+    /// reader's back-pressure within one read), check inflated TEXT as UTF-8 (1007,
+    /// fail-fast), and deliver whole or as chunks to a streaming reader.
+    fn on_compressed<I: Io>(
+        &mut self,
+        opcode: OpCode,
+        payload: &[u8],
+        first: bool,
+        fin: bool,
+        now: Instant,
+        io: &mut I,
+    ) {
+        let max = self.cfg.max_msg_len;
+        let d = self.deflate.as_mut().expect("inflating implies deflate");
+        if first {
+            d.inflated = 0;
+            d.utf8 = Utf8Check::default();
+            self.msg_opcode = opcode;
+        }
+        let mut out = if self.streaming {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.msg)
+        };
+        let start = out.len();
+        let room = max.saturating_sub(d.inflated) as usize;
+        let mut r = d.inflater.inflate(payload, &mut out, room);
+        if r.is_ok() && fin {
+            let room = room - (out.len() - start);
+            r = d.inflater.finish(&mut out, room);
+        }
+        d.inflated += (out.len() - start) as u64;
+        let failure = match r {
+            Err(InflateError::TooBig) => Some((
+                frame::close_code::MESSAGE_TOO_BIG,
+                format!("inflated message exceeds the limit of {max} bytes"),
+            )),
+            Err(e @ InflateError::Corrupt(_)) => Some((e.close_code(), e.to_string())),
+            Ok(())
+                if opcode == OpCode::Text
+                    && (!d.utf8.feed(&out[start..]) || fin && !d.utf8.finish()) =>
+            {
+                Some((
+                    frame::close_code::INVALID_FRAME_PAYLOAD_DATA,
+                    "invalid UTF-8 in an inflated text message".to_owned(),
+                ))
+            }
+            Ok(()) => None,
+        };
+        if let Some((code, reason)) = failure {
+            d.inflater.abandon();
+            d.inflating = false;
+            self.fail(code, reason, now, io);
+            return;
+        }
+        if fin {
+            d.inflating = false;
+        }
+        if self.streaming {
+            if fin {
+                self.streaming = false;
+            }
+            if out.is_empty() && !fin && !first {
+                return;
+            }
+            self.deliver(io, opcode, out, Part::Chunk { fin });
+        } else if fin {
+            self.deliver(io, self.msg_opcode, out, Part::Whole);
+        } else {
+            if first {
+                io.assembling();
+            }
+            self.msg = out;
+        }
+    }
+
     fn debug_frame<I: Io>(io: &mut I, dir: &str, op: OpCode, payload: &[u8]) {
         Self::log(io, LogLevel::Debug, || describe_frame(dir, op, payload));
     }
@@ -430,17 +566,57 @@ impl Session {
 
     /// Take the application's encoded frames (`frames` is left empty). `closing`: they
     /// end with the application's close frame.
-    pub fn take_app_output(&mut self, frames: &mut OutQueue, closing: bool, now: Instant) {
+    ///
+    /// Returns how many bytes of output that made: the queue's length, unless it held
+    /// messages to compress (counted by their raw size there), which are compressed
+    /// and framed here, on the connection's thread.
+    pub fn take_app_output(&mut self, frames: &mut OutQueue, closing: bool, now: Instant) -> usize {
         if frames.is_empty() {
-            return;
+            return 0;
         }
-        self.out.append(frames);
+        let before = self.out.len();
+        self.absorb(frames);
+        let added = self.out.len() - before;
         if self.timer_kind == TimerKind::Keepalive {
             self.last_activity = now;
         }
         if closing && !self.close_sent {
             // The application's close frame is the last frame of this batch.
             self.close_sent = true;
+        }
+        added
+    }
+
+    /// Move the application's queue behind our output, compressing and framing the
+    /// messages queued to be compressed (permessage-deflate). Without any, a plain
+    /// append: the uncompressed path costs what it did.
+    fn absorb(&mut self, frames: &mut OutQueue) {
+        if !frames.has_compress() {
+            self.out.append(frames);
+            return;
+        }
+        let mask = self.mask();
+        for item in std::mem::take(frames).into_items() {
+            match item {
+                OutItem::Frames(b) => self.out.push_chunk(b),
+                OutItem::Compress(op, data) => {
+                    let Some(d) = self.deflate.as_mut() else {
+                        // Not negotiated (the bridge never queues these then): plain.
+                        self.out
+                            .push_with(|b| frame::encode_frame(b, true, op, &data, mask));
+                        continue;
+                    };
+                    let mut payload = Vec::new();
+                    d.deflater.compress(&data, &mut payload);
+                    drop(data);
+                    self.out.push_with(|b| {
+                        let at = b.len();
+                        frame::encode_frame(b, true, op, &payload, mask);
+                        // RSV1: this message is compressed (RFC 7692 §6).
+                        b[at] |= 0x40;
+                    });
+                }
+            }
         }
     }
 
@@ -480,7 +656,13 @@ impl Session {
         match io.seal_outbound() {
             // The application's close frame is queued: it goes out with its queue.
             Sealed::AppClosing => return,
-            Sealed::Frames(mut pending) => self.out.append(&mut pending),
+            Sealed::Frames(mut pending) => {
+                // Counted in the connection's unsent bytes by their queued size; what
+                // compressing them changed is reported.
+                let (queued, before) = (pending.len(), self.out.len());
+                self.absorb(&mut pending);
+                io.output_resized(queued, self.out.len() - before);
+            }
         }
         let payload = frame::close_payload(code, reason);
         self.queue_control(OpCode::Close, &payload, io);
@@ -1391,5 +1573,333 @@ mod tests {
         feed(&mut s, &mut io, &f, t);
         let close = &written_frames(&mut s)[0].1;
         assert!(close.len() <= 125);
+    }
+}
+
+#[cfg(test)]
+mod deflate_tests {
+    //! permessage-deflate in the session: RSV1, inflating (limit, UTF-8, corrupt
+    //! streams), streaming, and compressing the application's queued messages.
+    use super::*;
+    use crate::deflate::{Compressor, Direction};
+    use bytes::Bytes;
+
+    const MASK: [u8; 4] = [9, 8, 7, 6];
+
+    #[derive(Default)]
+    struct Rec {
+        delivered: Vec<(OpCode, Vec<u8>, Part)>,
+        closed: Option<CloseInfo>,
+        stream: bool,
+    }
+
+    impl Io for Rec {
+        fn stream_requested(&self) -> bool {
+            self.stream
+        }
+        fn take_stream_request(&mut self) -> bool {
+            std::mem::take(&mut self.stream)
+        }
+        fn deliver(&mut self, opcode: OpCode, data: Vec<u8>, part: Part) {
+            self.delivered.push((opcode, data, part));
+        }
+        fn closed(&mut self, info: CloseInfo) {
+            self.closed.get_or_insert(info);
+        }
+        fn seal_outbound(&mut self) -> Sealed {
+            Sealed::Frames(OutQueue::new())
+        }
+    }
+
+    fn params(no_takeover: bool) -> DeflateParams {
+        DeflateParams {
+            server_max_window_bits: 12,
+            client_max_window_bits: 12,
+            server_no_context_takeover: no_takeover,
+            client_no_context_takeover: no_takeover,
+            level: 6,
+        }
+    }
+
+    fn session(max: u64, no_takeover: bool) -> (Session, Instant) {
+        let t0 = Instant::now();
+        let cfg = SessionConfig {
+            role: Role::Server,
+            max_msg_len: max,
+            auto_pong: true,
+            ping_interval: None,
+            ping_timeout: None,
+            idle_timeout: None,
+            close_timeout: Duration::from_secs(5),
+            max_backlog: 1 << 20,
+        };
+        let mut s = Session::new(Arc::new(cfg), t0);
+        s.set_deflate(params(no_takeover));
+        (s, t0)
+    }
+
+    /// The client's compressor (its direction: client_max_window_bits).
+    fn client(no_takeover: bool) -> Compressor {
+        Compressor::new(
+            Direction {
+                window_bits: 12,
+                no_context_takeover: no_takeover,
+            },
+            6,
+        )
+    }
+
+    /// A client frame; `rsv1` sets the compressed bit.
+    fn frame(fin: bool, rsv1: bool, op: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        frame::encode_frame(&mut f, fin, op, payload, Some(MASK));
+        if rsv1 {
+            f[0] |= 0x40;
+        }
+        f
+    }
+
+    /// One compressed message cut into `parts` frames.
+    fn compressed(c: &mut Compressor, op: OpCode, msg: &[u8], parts: usize) -> Vec<u8> {
+        let mut wire = Vec::new();
+        c.compress(msg, &mut wire);
+        let step = wire.len().div_ceil(parts).max(1);
+        let mut out = Vec::new();
+        let pieces: Vec<&[u8]> = wire.chunks(step).collect();
+        for (i, p) in pieces.iter().enumerate() {
+            let op = if i == 0 { op } else { OpCode::Continuation };
+            out.extend(frame(i + 1 == pieces.len(), i == 0, op, p));
+        }
+        out
+    }
+
+    fn feed(s: &mut Session, io: &mut Rec, bytes: &[u8], t: Instant) {
+        let mut buf = bytes.to_vec();
+        s.receive(&mut buf, t, io);
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_whole_or_fragmented_with_context_takeover() {
+        for no_takeover in [false, true] {
+            let (mut s, t) = session(1 << 20, no_takeover);
+            let mut io = Rec::default();
+            let mut c = client(no_takeover);
+            let msg = "{\"hello\":\"wörld\",\"n\":[1,2,3]}".repeat(20);
+            for parts in [1, 2, 5, 1, 3] {
+                feed(
+                    &mut s,
+                    &mut io,
+                    &compressed(&mut c, OpCode::Text, msg.as_bytes(), parts),
+                    t,
+                );
+            }
+            // An uncompressed message in between is left alone.
+            feed(
+                &mut s,
+                &mut io,
+                &frame(true, false, OpCode::Binary, b"raw"),
+                t,
+            );
+            feed(
+                &mut s,
+                &mut io,
+                &compressed(&mut c, OpCode::Binary, b"\x00\x01", 1),
+                t,
+            );
+            assert!(io.closed.is_none(), "{:?}", io.closed);
+            assert_eq!(io.delivered.len(), 7);
+            for d in &io.delivered[..5] {
+                assert_eq!(
+                    (d.0, d.1.as_slice(), d.2),
+                    (OpCode::Text, msg.as_bytes(), Part::Whole)
+                );
+            }
+            assert_eq!(io.delivered[5].1, b"raw");
+            assert_eq!(io.delivered[6].1, b"\x00\x01");
+            let retained = s.deflate_retained();
+            if no_takeover {
+                assert_eq!(retained, 0);
+            } else {
+                assert!(retained > 0 && retained <= 4096, "{retained}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_inflated_message_over_max_msg_len_is_1009_while_inflating() {
+        let (mut s, t) = session(10_000, true);
+        let mut io = Rec::default();
+        // 10 MB of zeros: about 10 KB compressed, under the limit on the wire.
+        let bomb = compressed(&mut client(true), OpCode::Binary, &vec![0; 10_000_000], 1);
+        assert!(bomb.len() < 10_000 + 14);
+        feed(&mut s, &mut io, &bomb, t);
+        assert_eq!(io.closed.unwrap().code, 1009);
+        assert!(io.delivered.is_empty());
+        assert!(s.msg.capacity() <= 20_000);
+    }
+
+    #[test]
+    fn streamed_compressed_messages_are_delivered_inflated_and_bounded_too() {
+        let (mut s, t) = session(1 << 20, false);
+        let mut io = Rec {
+            stream: true,
+            ..Default::default()
+        };
+        let msg = b"chunk of text ".repeat(1000);
+        feed(
+            &mut s,
+            &mut io,
+            &compressed(&mut client(false), OpCode::Text, &msg, 4),
+            t,
+        );
+        let joined: Vec<u8> = io.delivered.iter().flat_map(|d| d.1.clone()).collect();
+        assert_eq!(joined, msg);
+        assert!(matches!(
+            io.delivered.last().unwrap().2,
+            Part::Chunk { fin: true }
+        ));
+
+        let (mut s, t) = session(1000, false);
+        let mut io = Rec {
+            stream: true,
+            ..Default::default()
+        };
+        feed(
+            &mut s,
+            &mut io,
+            &compressed(&mut client(false), OpCode::Binary, &[7; 5000], 1),
+            t,
+        );
+        assert_eq!(io.closed.unwrap().code, 1009);
+    }
+
+    #[test]
+    fn invalid_utf8_after_inflating_is_1007_and_a_corrupt_stream_is_1002() {
+        let (mut s, t) = session(1 << 20, false);
+        let mut io = Rec::default();
+        feed(
+            &mut s,
+            &mut io,
+            &compressed(&mut client(false), OpCode::Text, b"ok \xff bad", 1),
+            t,
+        );
+        assert_eq!(io.closed.unwrap().code, 1007);
+
+        let (mut s, t) = session(1 << 20, false);
+        let mut io = Rec::default();
+        // Binary: not UTF-8 checked, fine.
+        feed(
+            &mut s,
+            &mut io,
+            &compressed(&mut client(false), OpCode::Binary, b"\xff", 1),
+            t,
+        );
+        assert!(io.closed.is_none());
+        // Block type 3 is reserved: not deflate.
+        feed(
+            &mut s,
+            &mut io,
+            &frame(true, true, OpCode::Text, &[0xff, 0xff, 0xff]),
+            t,
+        );
+        assert_eq!(io.closed.unwrap().code, 1002);
+    }
+
+    #[test]
+    fn rsv1_on_control_frames_and_continuations_is_1002() {
+        for bad in [frame(true, true, OpCode::Ping, b""), {
+            let mut b = frame(false, false, OpCode::Text, b"a");
+            b.extend(frame(true, true, OpCode::Continuation, b"b"));
+            b
+        }] {
+            let (mut s, t) = session(1 << 20, false);
+            let mut io = Rec::default();
+            feed(&mut s, &mut io, &bad, t);
+            assert_eq!(io.closed.unwrap().code, 1002);
+        }
+        // Without the extension, RSV1 is 1002 as ever.
+        let t = Instant::now();
+        let mut s = Session::new(
+            Arc::new(SessionConfig {
+                role: Role::Server,
+                max_msg_len: 100,
+                auto_pong: true,
+                ping_interval: None,
+                ping_timeout: None,
+                idle_timeout: None,
+                close_timeout: Duration::from_secs(5),
+                max_backlog: 100,
+            }),
+            t,
+        );
+        let mut io = Rec::default();
+        feed(
+            &mut s,
+            &mut io,
+            &compressed(&mut client(true), OpCode::Text, b"x", 1),
+            t,
+        );
+        assert_eq!(io.closed.unwrap().code, 1002);
+    }
+
+    /// Decode the session's output as a client would, inflating RSV1 messages.
+    fn client_reads(s: &mut Session, no_takeover: bool) -> Vec<(OpCode, Vec<u8>, bool)> {
+        let mut out = s.output().to_vec();
+        let n = out.len();
+        s.written(n);
+        let mut d = Decoder::new(Role::Client, None);
+        d.allow_rsv1(true);
+        let mut inflater = Decompressor::new(Direction {
+            window_bits: 12,
+            no_context_takeover: no_takeover,
+        });
+        let mut msgs = Vec::new();
+        let mut pos = 0;
+        while pos < out.len() {
+            let (used, ev) = d.decode(&mut out[pos..]).unwrap();
+            pos += used;
+            if let Some(Event::Data {
+                opcode, payload, ..
+            }) = ev
+            {
+                if d.message_compressed() {
+                    let mut m = Vec::new();
+                    inflater.inflate(payload, &mut m, 1 << 30).unwrap();
+                    inflater.finish(&mut m, 1 << 30).unwrap();
+                    msgs.push((opcode, m, true));
+                } else {
+                    msgs.push((opcode, payload.to_vec(), false));
+                }
+            }
+        }
+        msgs
+    }
+
+    #[test]
+    fn queued_messages_to_compress_are_compressed_in_order_with_rsv1() {
+        for no_takeover in [false, true] {
+            let (mut s, t) = session(1 << 20, no_takeover);
+            let msg = Bytes::from("{\"price\": 101.25, \"sym\": \"ABC\"}".repeat(10));
+            let mut app = OutQueue::new();
+            app.push_compress(OpCode::Text, msg.clone());
+            app.push_with(|b| frame::encode_frame(b, true, OpCode::Binary, b"plain", None));
+            app.push_compress(OpCode::Text, msg.clone());
+            app.push_compress(OpCode::Binary, Bytes::new());
+            let queued = app.len();
+            let added = s.take_app_output(&mut app, false, t);
+            assert!(app.is_empty());
+            assert_eq!(added, s.output().len());
+            assert!(added < queued, "compressed: {added} < {queued}");
+            let got = client_reads(&mut s, no_takeover);
+            assert_eq!(
+                got,
+                vec![
+                    (OpCode::Text, msg.to_vec(), true),
+                    (OpCode::Binary, b"plain".to_vec(), false),
+                    (OpCode::Text, msg.to_vec(), true),
+                    (OpCode::Binary, vec![], true),
+                ]
+            );
+        }
     }
 }
