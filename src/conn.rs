@@ -116,6 +116,10 @@ impl Io for SharedIo<'_> {
         self.0.unsent.fetch_add(n, Ordering::Relaxed);
     }
 
+    fn output_resized(&mut self, queued: usize, now: usize) {
+        resize_unsent(self.0, queued, now);
+    }
+
     fn frame_in(&mut self, op: OpCode) {
         self.0.stats.frame_in(op);
     }
@@ -130,6 +134,16 @@ impl Io for SharedIo<'_> {
 
     fn log(&mut self, level: LogLevel, msg: String) {
         self.0.log(level, || msg);
+    }
+}
+
+/// Queued application output counted as `queued` bytes in `unsent` became `now` bytes
+/// of output (messages to compress, counted by their raw size, were compressed).
+fn resize_unsent(shared: &ConnShared, queued: usize, now: usize) {
+    if now > queued {
+        shared.unsent.fetch_add(now - queued, Ordering::Relaxed);
+    } else if queued > now {
+        shared.unsent.fetch_sub(queued - now, Ordering::Relaxed);
     }
 }
 
@@ -158,9 +172,13 @@ impl<S: Transport> Driver<S> {
     /// `leftover`: bytes that arrived after the HTTP request head (a first frame).
     pub fn new(io: S, shared: Arc<ConnShared>, leftover: Vec<u8>) -> Self {
         let cfg = shared.cfg.clone();
+        let mut session = Session::new(cfg.session.clone(), std::time::Instant::now());
+        if let Some(params) = shared.deflate {
+            session.set_deflate(params);
+        }
         Self {
             io,
-            session: Session::new(cfg.session.clone(), std::time::Instant::now()),
+            session,
             rbuf: leftover,
             read_size: cfg.ws_read_buffer,
             need_flush: false,
@@ -382,17 +400,28 @@ impl<S: Transport> Driver<S> {
         if ob.closing {
             self.session.app_closing(now);
         }
-        let mut took = false;
+        let mut took = None;
         if self.session.can_take_app_output() && !ob.queue.is_empty() {
-            let closing = ob.closing;
-            self.session.take_app_output(&mut ob.queue, closing, now);
-            took = true;
+            // Moved out, and taken by the session after the lock is released: messages
+            // to compress are compressed there, and send() must not wait for that.
+            took = Some((std::mem::take(&mut ob.queue), ob.closing));
         }
         if ob.drain_waiting {
             ob.drain_waiting = false;
             self.shared.hub.push(Event::Drained(self.shared.id));
         }
         drop(ob);
+        let mut took = match took {
+            Some((mut queue, closing)) => {
+                let queued = queue.len();
+                let made = self.session.take_app_output(&mut queue, closing, now);
+                if made != queued {
+                    resize_unsent(&self.shared, queued, made);
+                }
+                true
+            }
+            None => false,
+        };
         if overflow {
             self.session.close_now(
                 1013,

@@ -13,7 +13,7 @@
 // build without tokio and pyo3). Re-exported under their old names so that
 // `crate::frame::...`, `crate::handshake::...` and `crate::security::...` keep
 // working in this crate, including code written before the move.
-pub use lightws_proto::{frame, handshake, outq, security, session};
+pub use lightws_proto::{deflate, frame, handshake, outq, security, session};
 
 #[cfg(feature = "loadgen")]
 pub mod bench;

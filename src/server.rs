@@ -499,11 +499,24 @@ async fn upgrade<S: Transport>(
         }
     }
 
-    let shared = ConnShared::new(
+    // permessage-deflate (RFC 7692): agreed here, answered in the 101, before the
+    // handshake callable runs (it sees the request's offer in its headers).
+    let deflate = match (&srv.cfg.conn.deflate, upgrade) {
+        (Some(dc), true) => {
+            crate::deflate::negotiate(dc, req.headers_all("Sec-WebSocket-Extensions"))
+        }
+        _ => None,
+    };
+    let (extension, agreed) = match deflate {
+        Some((header, params)) => (Some(header), Some(params)),
+        None => (None, None),
+    };
+    let shared = ConnShared::with_deflate(
         client,
         srv.hub.clone(),
         srv.stats.clone(),
         srv.cfg.conn.clone(),
+        agreed,
     );
     let mut guard = ClosedGuard {
         shared: shared.clone(),
@@ -538,9 +551,14 @@ async fn upgrade<S: Transport>(
             None
         }
         Reply::Accept {
-            headers,
+            mut headers,
             subprotocol,
         } => {
+            if let Some(ext) = extension {
+                // The server owns this header once it negotiated an extension.
+                headers.retain(|(n, _)| !n.eq_ignore_ascii_case("Sec-WebSocket-Extensions"));
+                headers.insert(0, ("Sec-WebSocket-Extensions".to_owned(), ext));
+            }
             let mut out = Vec::with_capacity(256);
             handshake::write_accept(&mut out, &key, subprotocol.as_deref(), &headers);
             let wdeadline = Instant::now() + srv.cfg.handshake_write_timeout;
@@ -615,6 +633,7 @@ mod size_tests {
                 inbox_limit: 1 << 16,
                 log_level: LogLevel::Error,
                 io_statistics: false,
+                deflate: None,
             }),
             sock_read_buffer: None,
             sock_write_buffer: None,

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::sync::oneshot;
 
+use crate::deflate::{DeflateConfig, DeflateParams};
 use crate::frame::OpCode;
 use crate::handshake;
 use crate::hub::Hub;
@@ -39,6 +40,8 @@ pub struct ConnConfig {
     pub log_level: LogLevel,
     /// Maintain the connections_reading / connections_writing gauges.
     pub io_statistics: bool,
+    /// `Config.compression`: permessage-deflate offered to clients (None: off).
+    pub deflate: Option<DeflateConfig>,
 }
 
 /// A complete message (or, for a streamed message, one chunk of it) waiting for Python.
@@ -147,6 +150,8 @@ pub struct ConnShared {
     /// behind a publish still being fanned out (see bridge/send.rs); while any is in
     /// flight, later frames take the same route.
     pub fenced: AtomicU32,
+    /// The permessage-deflate parameters this connection agreed in its handshake.
+    pub deflate: Option<DeflateParams>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -157,6 +162,17 @@ impl ConnShared {
         hub: Arc<EventHub>,
         stats: Arc<Stats>,
         cfg: Arc<ConnConfig>,
+    ) -> Arc<Self> {
+        Self::with_deflate(remote, hub, stats, cfg, None)
+    }
+
+    /// A connection that negotiated permessage-deflate with `deflate` (server.rs).
+    pub fn with_deflate(
+        remote: SocketAddr,
+        hub: Arc<EventHub>,
+        stats: Arc<Stats>,
+        cfg: Arc<ConnConfig>,
+        deflate: Option<DeflateParams>,
     ) -> Arc<Self> {
         Arc::new(Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -170,6 +186,7 @@ impl ConnShared {
             cfg,
             unsent: AtomicUsize::new(0),
             fenced: AtomicU32::new(0),
+            deflate,
         })
     }
 

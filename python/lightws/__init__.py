@@ -24,7 +24,7 @@ from ._lightws import Connection, Message, broadcast
 from ._lightws import __version__ as __version__
 from ._run import run
 from ._types import CloseCode, LogLevel, Opcode
-from .config import Config, Handler, HandshakeFunc
+from .config import Config, Deflate, Handler, HandshakeFunc
 from .exceptions import (
     ConnectionClosed,
     ConnectionClosedError,
@@ -43,6 +43,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionClosedError",
     "ConnectionClosedOK",
+    "Deflate",
     "Handler",
     "HandshakeFunc",
     "Headers",

@@ -14,6 +14,10 @@ For a public deployment (docs/security.md): --origin restricts which pages may c
 (repeat it; list the demo page's own origin too, e.g. http://127.0.0.1:9001, and
 "--origin none" to admit clients that send no Origin header), --max-connections-per-ip
 caps each client address, --trusted-proxy names proxies whose X-Forwarded-For is believed.
+
+--compression deflate turns on permessage-deflate for clients that offer it (browsers
+do), with --server-max-window-bits, --client-max-window-bits, --server-no-context-takeover,
+--client-no-context-takeover, --compression-level and --compression-min-size.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from . import Config, HandshakeFunc, LogLevel, Server, _bench
+from . import Config, Deflate, HandshakeFunc, LogLevel, Server, _bench
 from ._run import ShutdownOnSignals
 from .demos import PushRegistry, countdown_handshake, echo_handshake
 
@@ -166,6 +170,53 @@ def _common_options() -> argparse.ArgumentParser:
         "0 (default) means no limit",
     )
     common.add_argument(
+        "--compression",
+        choices=["none", "deflate"],
+        default="none",
+        help="permessage-deflate for clients that offer it (default %(default)s)",
+    )
+    common.add_argument(
+        "--server-max-window-bits",
+        type=int,
+        default=12,
+        metavar="BITS",
+        help="with --compression deflate: largest window the server compresses with, "
+        "8-15 (default %(default)s)",
+    )
+    common.add_argument(
+        "--client-max-window-bits",
+        type=int,
+        default=12,
+        metavar="BITS",
+        help="with --compression deflate: largest window clients are asked to use, "
+        "8-15 (default %(default)s)",
+    )
+    common.add_argument(
+        "--server-no-context-takeover",
+        action="store_true",
+        help="with --compression deflate: compress each message on its own",
+    )
+    common.add_argument(
+        "--client-no-context-takeover",
+        action="store_true",
+        help="with --compression deflate: ask clients to compress each message on its own",
+    )
+    common.add_argument(
+        "--compression-level",
+        type=int,
+        default=6,
+        metavar="LEVEL",
+        help="with --compression deflate: zlib level 0-9 (default %(default)s)",
+    )
+    common.add_argument(
+        "--compression-min-size",
+        type=int,
+        default=64,
+        metavar="BYTES",
+        help="with --compression deflate: send shorter messages uncompressed "
+        "(default %(default)s)",
+    )
+    common.add_argument(
         "--trusted-proxy",
         action="append",
         default=[],
@@ -174,6 +225,20 @@ def _common_options() -> argparse.ArgumentParser:
         "client; repeatable",
     )
     return common
+
+
+def _compression(args: argparse.Namespace) -> Deflate | None:
+    """``--compression`` and its options for Config.compression."""
+    if args.compression != "deflate":
+        return None
+    return Deflate(
+        server_max_window_bits=args.server_max_window_bits,
+        client_max_window_bits=args.client_max_window_bits,
+        server_no_context_takeover=args.server_no_context_takeover,
+        client_no_context_takeover=args.client_no_context_takeover,
+        level=args.compression_level,
+        min_size=args.compression_min_size,
+    )
 
 
 def _origins(values: list[str] | None) -> list[str | None] | None:
@@ -280,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_connections_per_ip=args.max_connections_per_ip,
         trusted_proxies=args.trusted_proxy,
         close_timeout=args.close_timeout,
+        compression=_compression(args),
     )
     run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     if args.uvloop:

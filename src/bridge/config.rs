@@ -8,6 +8,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyString;
 
+use crate::deflate::DeflateConfig;
 use crate::frame::Role;
 use crate::security::{IpNet, OriginPolicy};
 use crate::server::{self, ServerConfig};
@@ -92,6 +93,61 @@ fn backpressure(cfg: &Bound<'_, PyAny>) -> PyResult<Backpressure> {
     Ok(Backpressure { max, close })
 }
 
+/// `Config.compression`: None, or a `lightws.Deflate` (read by attribute).
+fn compression(cfg: &Bound<'_, PyAny>) -> PyResult<Option<DeflateConfig>> {
+    let c = cfg.getattr("compression")?;
+    if c.is_none() {
+        return Ok(None);
+    }
+    let field = |name: &str| -> PyResult<i64> {
+        c.getattr(name)
+            .and_then(|v| v.extract::<i64>())
+            .map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "Config.compression must be lightws.Deflate(...) or None; its {name} must be an int"
+                ))
+            })
+    };
+    let flag = |name: &str| -> PyResult<bool> {
+        c.getattr(name)
+            .and_then(|v| v.extract::<bool>())
+            .map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "Config.compression must be lightws.Deflate(...) or None; its {name} must be a bool"
+                ))
+            })
+    };
+    let bits = |name: &str| -> PyResult<u8> {
+        let v = field(name)?;
+        if !(8..=15).contains(&v) {
+            return Err(PyValueError::new_err(format!(
+                "Config.compression.{name} must be between 8 and 15, got {v}"
+            )));
+        }
+        Ok(v as u8)
+    };
+    let level = field("level")?;
+    if !(0..=9).contains(&level) {
+        return Err(PyValueError::new_err(format!(
+            "Config.compression.level must be between 0 and 9, got {level}"
+        )));
+    }
+    let min_size = field("min_size")?;
+    if min_size < 0 {
+        return Err(PyValueError::new_err(format!(
+            "Config.compression.min_size must be at least 0, got {min_size}"
+        )));
+    }
+    Ok(Some(DeflateConfig {
+        server_max_window_bits: bits("server_max_window_bits")?,
+        client_max_window_bits: bits("client_max_window_bits")?,
+        server_no_context_takeover: flag("server_no_context_takeover")?,
+        client_no_context_takeover: flag("client_no_context_takeover")?,
+        level: level as u8,
+        min_size: min_size as usize,
+    }))
+}
+
 pub(super) fn admission(cfg: &Bound<'_, PyAny>) -> PyResult<(Option<OriginPolicy>, Vec<IpNet>)> {
     let origins: Option<Vec<Option<String>>> = list(cfg, "origins")?;
     let origins = origins
@@ -150,6 +206,7 @@ pub(super) fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
         inbox_limit: max_msg_len.clamp(64 * 1024, 4 * 1024 * 1024).max(64 * 1024),
         log_level: LogLevel::from_u8(log_level as u8).expect("checked above"),
         io_statistics: get(cfg, "io_statistics")?,
+        deflate: compression(cfg)?,
     };
     let backlog = size(cfg, "backlog", 1)?.min(65535) as i32;
     let (origins, trusted_proxies) = admission(cfg)?;

@@ -500,12 +500,28 @@ impl Connection {
     /// take it back; only a send still waiting behind a fragmented message (a
     /// `writer()` or a send over `write_limit`) is not sent if cancelled before its turn.
     /// The fragments of a large message keep going after its send is cancelled.
-    fn send(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    ///
+    /// `compress` (permessage-deflate, when the connection negotiated it): None follows
+    /// `Config.compression` (messages of at least `min_size` bytes are compressed),
+    /// False sends this message uncompressed, True compresses it whatever its size.
+    /// Compression runs on the connection's tokio thread, never on the event loop.
+    #[pyo3(signature = (message, compress = None))]
+    fn send(
+        &self,
+        py: Python<'_>,
+        message: &Bound<'_, PyAny>,
+        compress: Option<bool>,
+    ) -> PyResult<Py<PyAny>> {
         if let Ok(b) = message.cast::<PyBytes>() {
-            return self.send_payload(py, OpCode::Binary, Payload::Bytes(b.clone().unbind()));
+            return self.send_payload(
+                py,
+                OpCode::Binary,
+                Payload::Bytes(b.clone().unbind()),
+                compress,
+            );
         }
         if let Ok(s) = message.cast::<PyString>() {
-            return self.send_payload(py, OpCode::Text, Payload::Str(s.clone().unbind()));
+            return self.send_payload(py, OpCode::Text, Payload::Str(s.clone().unbind()), compress);
         }
         if let Ok(m) = message.cast::<Message>() {
             let m = m.get();
@@ -521,11 +537,18 @@ impl Connection {
                         "CONTINUATION frames are sent by conn.writer(), not send()",
                     ))
                 }
-                _ => return self.send_payload(py, op, Payload::Bytes(m.body.clone_ref(py))),
+                _ => {
+                    return self.send_payload(
+                        py,
+                        op,
+                        Payload::Bytes(m.body.clone_ref(py)),
+                        compress,
+                    )
+                }
             }
         }
         match to_bytes(message)? {
-            Some(b) => self.send_payload(py, OpCode::Binary, Payload::Bytes(b.unbind())),
+            Some(b) => self.send_payload(py, OpCode::Binary, Payload::Bytes(b.unbind()), compress),
             None => Err(PyTypeError::new_err(format!(
                 "send() takes str, a bytes-like object or lightws.Message, not {}",
                 type_name(message)
@@ -533,15 +556,32 @@ impl Connection {
         }
     }
 
-    /// Send a TEXT message.
-    fn send_text(&self, py: Python<'_>, text: &Bound<'_, PyString>) -> PyResult<Py<PyAny>> {
-        self.send_payload(py, OpCode::Text, Payload::Str(text.clone().unbind()))
+    /// Send a TEXT message. `compress` as for `send()`.
+    #[pyo3(signature = (text, compress = None))]
+    fn send_text(
+        &self,
+        py: Python<'_>,
+        text: &Bound<'_, PyString>,
+        compress: Option<bool>,
+    ) -> PyResult<Py<PyAny>> {
+        self.send_payload(
+            py,
+            OpCode::Text,
+            Payload::Str(text.clone().unbind()),
+            compress,
+        )
     }
 
-    /// Send a BINARY message.
-    fn send_binary(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    /// Send a BINARY message. `compress` as for `send()`.
+    #[pyo3(signature = (data, compress = None))]
+    fn send_binary(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        compress: Option<bool>,
+    ) -> PyResult<Py<PyAny>> {
         let b = self.bytes_arg(data, "send_binary")?;
-        self.send_payload(py, OpCode::Binary, Payload::Bytes(b.unbind()))
+        self.send_payload(py, OpCode::Binary, Payload::Bytes(b.unbind()), compress)
     }
 
     /// Send a PING (payload at most 125 bytes).
@@ -551,7 +591,7 @@ impl Connection {
             None => self.enqueue_frame(py, OpCode::Ping, b"", true),
             Some(d) => {
                 let b = self.bytes_arg(d, "send_ping")?;
-                self.send_payload(py, OpCode::Ping, Payload::Bytes(b.unbind()))
+                self.send_payload(py, OpCode::Ping, Payload::Bytes(b.unbind()), None)
             }
         }
     }
@@ -563,7 +603,7 @@ impl Connection {
             None => self.enqueue_frame(py, OpCode::Pong, b"", true),
             Some(d) => {
                 let b = self.bytes_arg(d, "send_pong")?;
-                self.send_payload(py, OpCode::Pong, Payload::Bytes(b.unbind()))
+                self.send_payload(py, OpCode::Pong, Payload::Bytes(b.unbind()), None)
             }
         }
     }

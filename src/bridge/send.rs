@@ -47,6 +47,8 @@ pub(super) struct Deferred {
     pub(super) fut: Py<PyAny>,
     pub(super) op: OpCode,
     pub(super) payload: Payload,
+    /// Compress it (permessage-deflate), decided when send() was called.
+    pub(super) compress: bool,
 }
 
 /// A message larger than `write_limit` going out one fragment per drain, so that a slow
@@ -73,6 +75,7 @@ impl Connection {
         py: Python<'_>,
         op: OpCode,
         payload: Payload,
+        compress: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
         if op.is_control() {
             let data = payload.as_bytes(py)?;
@@ -85,6 +88,7 @@ impl Connection {
             // Control frames may go between the fragments of a message (RFC 6455 5.4).
             return self.enqueue_frame(py, op, data, true);
         }
+        let compress = self.compress_decision(py, &payload, compress)?;
         let busy = {
             let st = self.st.lock();
             st.writer_active || st.large.is_some() || !st.deferred.is_empty()
@@ -95,10 +99,11 @@ impl Connection {
                 fut: fut.clone_ref(py),
                 op,
                 payload,
+                compress,
             });
             return self.pending(py, fut, WaitKind::Plain);
         }
-        match self.send_data(py, op, payload, None)? {
+        match self.send_data(py, op, payload, None, compress)? {
             None => self.completed(py),
             Some(fut) => self.pending(py, fut, WaitKind::Plain),
         }
@@ -113,11 +118,19 @@ impl Connection {
         op: OpCode,
         payload: Payload,
         waiter: Option<Py<PyAny>>,
+        compress: bool,
     ) -> PyResult<Option<Py<PyAny>>> {
         let data = payload.as_bytes(py)?;
         let chunk = self.fragment_size();
-        if data.len() <= chunk {
-            if !self.queue_frame(py, op, data, true, false)? {
+        // A message to compress goes whole, however large: the session compresses and
+        // frames it on the connection's thread (docs/guide.md, "Compression").
+        if compress || data.len() <= chunk {
+            let over = if compress {
+                self.queue_compressed(py, op, data)?
+            } else {
+                self.queue_frame(py, op, data, true, false)?
+            };
+            if !over {
                 return Ok(None);
             }
             let fut = match waiter {
@@ -217,6 +230,70 @@ impl Connection {
         Ok(over)
     }
 
+    /// Whether to compress a data message: the connection negotiated permessage-deflate
+    /// and `compress` is True, or None with the message at least `min_size` long.
+    fn compress_decision(
+        &self,
+        py: Python<'_>,
+        payload: &Payload,
+        compress: Option<bool>,
+    ) -> PyResult<bool> {
+        if self.shared.deflate.is_none() || compress == Some(false) {
+            return Ok(false);
+        }
+        if compress == Some(true) {
+            return Ok(true);
+        }
+        let min = self.shared.cfg.deflate.map_or(usize::MAX, |d| d.min_size);
+        Ok(payload.as_bytes(py)?.len() >= min)
+    }
+
+    /// Queue a whole data message to be compressed and framed on the connection's
+    /// thread (permessage-deflate; outq.rs `push_compress`), and wake the task. Returns
+    /// true if the outbox is over `write_limit` (a Drained event will follow).
+    ///
+    /// Behind a publish still being fanned out (fenced), the message goes uncompressed
+    /// through the fan-out task instead, to keep its place in order.
+    pub(super) fn queue_compressed(
+        &self,
+        py: Python<'_>,
+        op: OpCode,
+        data: &[u8],
+    ) -> PyResult<bool> {
+        if self.fenced() {
+            return self.queue_frame(py, op, data, true, false);
+        }
+        let cfg = &self.shared.cfg;
+        let (was_empty, over) = {
+            let mut ob = self.shared.outbox.lock();
+            if ob.closed || ob.closing {
+                None
+            } else {
+                let was_empty = ob.queue.is_empty();
+                // The one copy of the message, as the uncompressed path's encoding.
+                ob.queue.push_compress(op, Bytes::copy_from_slice(data));
+                // Counted by its raw size; the task corrects it once compressed.
+                self.shared.unsent.fetch_add(data.len(), Relaxed);
+                let over = ob.queue.len() > cfg.write_limit;
+                if over {
+                    ob.drain_waiting = true;
+                }
+                Some((was_empty, over))
+            }
+        }
+        .ok_or_else(|| self.closed_error_now(py))?;
+        if was_empty {
+            self.shared.waker.wake();
+        }
+        self.shared.stats.frame_out(op);
+        if cfg.log_level >= LogLevel::Debug {
+            self.shared.log(LogLevel::Debug, || {
+                format!("{} (compressed)", describe_frame("send", op, data))
+            });
+        }
+        Ok(over)
+    }
+
     /// Whether this connection's frames must take the fan-out task's route to stay in
     /// call order: a publish to one of its topics is still being fanned out, or frames
     /// of its own are already on that route.
@@ -312,7 +389,8 @@ impl Connection {
                     }
                     // The sender's own future completes when its message is queued
                     // (and, over write_limit, written down to it).
-                    match self.send_data(py, d.op, d.payload, Some(d.fut.clone_ref(py))) {
+                    let waiter = Some(d.fut.clone_ref(py));
+                    match self.send_data(py, d.op, d.payload, waiter, d.compress) {
                         Ok(None) => resolve(py, &d.fut, py.None())?,
                         Ok(Some(_)) => {}
                         Err(e) => reject(py, &d.fut, e)?,
