@@ -195,6 +195,8 @@ class RawWebSocket:
         self.reader = reader
         self.writer = writer
         self.response = response
+        #: RSV1 is allowed on server frames (permessage-deflate was negotiated).
+        self.allow_rsv1 = False
 
     @classmethod
     async def connect(
@@ -258,7 +260,9 @@ class RawWebSocket:
         frame = Frame(bool(b0 & 0x80), (b0 >> 4) & 0x7, b0 & 0x0F, masked, payload)
         # RFC 6455 5.1: a server must not mask; 5.2: RSV must be 0 without extensions.
         assert not frame.masked, f"server sent a masked frame: {frame}"
-        assert frame.rsv == 0, f"server set RSV bits: {frame}"
+        # permessage-deflate (RFC 7692) defines RSV1, on the first frame of a data message.
+        rsv1_ok = self.allow_rsv1 and frame.rsv == 4 and frame.opcode in (TEXT, BINARY)
+        assert frame.rsv == 0 or rsv1_ok, f"server set RSV bits: {frame}"
         return frame
 
     async def recv_message(self, timeout: float = TIMEOUT) -> tuple[int, bytes]:

@@ -911,3 +911,375 @@ async def test_10_message_in_many_small_fragments_is_echoed_byte_exact(
         await ws.write(b"".join(frames[64:]))
         await expect_echo(ws, opcode, payload)
         await close_normally(ws)
+
+
+# -- 12, 13: permessage-deflate (RFC 7692) ---------------------------------------------
+#
+# Autobahn's groups 12 and 13 echo messages of 16 B to 128 KiB, fragmented and not, with
+# compression negotiated; 13.x varies the offer. The raw client compresses with Python's
+# zlib (``compressobj(wbits=-N)``; zlib refuses a raw window of 8 and uses 9, as every
+# zlib-based client does, so an agreed 8 is compressed with 9), and inflates the server's
+# messages with exactly the agreed window (8 included: the server's output must fit it).
+
+DEFLATE_TAIL = b"\x00\x00\xff\xff"
+DEFLATE_SIZES = [16, 64, 256, 1 * KiB, 4 * KiB, 8 * KiB, 16 * KiB, 32 * KiB, 64 * KiB, 128 * KiB]
+
+
+def json_of(n: int) -> bytes:
+    """``n`` bytes of JSON-like text (Autobahn 12.1 uses a large JSON file)."""
+    rows = b"".join(
+        b'{"id":%d,"name":"user%d","tags":["a","b%d"],"score":%d.%d},' % (i, i % 97, i % 7, i, i % 10)
+        for i in range(n // 40 + 2)
+    )
+    return (b"[" + rows)[:n]
+
+
+def prose_of(n: int) -> bytes:
+    """``n`` bytes of UTF-8 prose (Autobahn 12.3 uses Goethe's Faust)."""
+    unit = "Habe nun, ach! Philosophie, Juristerei und Medizin, und leider auch Theologie "
+    return text_of(0) + (unit.encode() * (n // len(unit) + 1))[:n].decode("utf-8", "ignore").encode()
+
+
+def noise_of(n: int) -> bytes:
+    """``n`` bytes that barely compress (Autobahn 12.2/12.5: a bitmap, a PDF)."""
+    import random
+
+    return random.Random(n).randbytes(n)
+
+
+class DeflatePeer:
+    """The client's side of permessage-deflate, with Python's zlib."""
+
+    def __init__(self, agreed: dict[str, int | None]) -> None:
+        self.client_bits = agreed.get("client_max_window_bits") or 15
+        self.server_bits = agreed.get("server_max_window_bits") or 15
+        self.client_nct = "client_no_context_takeover" in agreed
+        self.server_nct = "server_no_context_takeover" in agreed
+        self.c: Any = None
+        self.d: Any = None
+
+    def compress(self, data: bytes) -> bytes:
+        import zlib
+
+        if self.c is None:
+            self.c = zlib.compressobj(wbits=-max(9, self.client_bits))
+        out = self.c.compress(data) + self.c.flush(zlib.Z_SYNC_FLUSH)
+        assert out.endswith(DEFLATE_TAIL)
+        if self.client_nct:
+            self.c = None
+        return out[:-4]
+
+    def decompress(self, data: bytes) -> bytes:
+        import zlib
+
+        if self.d is None:
+            self.d = zlib.decompressobj(wbits=-self.server_bits)
+        out: bytes = self.d.decompress(data + DEFLATE_TAIL)
+        if self.server_nct:
+            self.d = None
+        return out
+
+
+def parse_agreed(header: str | None) -> dict[str, int | None]:
+    assert header is not None, "permessage-deflate was not negotiated"
+    name, *params = [p.strip() for p in header.split(";")]
+    assert name == "permessage-deflate", header
+    agreed: dict[str, int | None] = {}
+    for p in params:
+        key, _, value = p.partition("=")
+        assert key not in agreed, header
+        agreed[key] = int(value) if value else None
+    return agreed
+
+
+async def deflate_connect(server: lightws.Server, offer: str) -> tuple[RawWebSocket, DeflatePeer]:
+    ws = await RawWebSocket.connect(server.port, extra=[("Sec-WebSocket-Extensions", offer)])
+    ws.allow_rsv1 = True
+    return ws, DeflatePeer(parse_agreed(ws.response.header("Sec-WebSocket-Extensions")))
+
+
+async def deflate_send(
+    ws: RawWebSocket, peer: DeflatePeer, opcode: int, message: bytes, fragment: int = 0
+) -> None:
+    body = peer.compress(message)
+    if not fragment or len(body) <= fragment:
+        await ws.send_frame(opcode, body, rsv1=True)
+        return
+    parts = [body[i : i + fragment] for i in range(0, len(body), fragment)]
+    data = b"".join(
+        build_frame(opcode if i == 0 else CONT, part, fin=i == len(parts) - 1, rsv1=i == 0)
+        for i, part in enumerate(parts)
+    )
+    await ws.write(data)
+
+
+async def deflate_recv(ws: RawWebSocket, peer: DeflatePeer) -> tuple[int, bytes, bool]:
+    """The next data message, inflated: (opcode, payload, was it compressed)."""
+    opcode, compressed, parts = None, False, []
+    while True:
+        frame = await ws.recv_frame()
+        if frame.opcode in (PING, PONG):
+            continue
+        assert frame.opcode != CLOSE, f"closed {frame.close_code} {frame.close_reason}"
+        if opcode is None:
+            opcode, compressed = frame.opcode, frame.rsv == 4
+        else:
+            assert frame.opcode == CONT and frame.rsv == 0, frame
+        parts.append(frame.payload)
+        if frame.fin:
+            body = b"".join(parts)
+            return opcode, (peer.decompress(body) if compressed else body), compressed
+
+
+@pytest.fixture
+async def deflate_server() -> AsyncIterator[lightws.Server]:
+    """Echo with permessage-deflate; windows up to 15 so any offered value is agreed."""
+    compression = lightws.Deflate(server_max_window_bits=15, client_max_window_bits=15)
+    async with serve(echo_handshake, max_msg_len=MAX_MSG_LEN, compression=compression) as s:
+        yield s
+
+
+DATA_KINDS = {"json": (TEXT, json_of), "prose": (TEXT, prose_of), "noise": (BINARY, noise_of)}
+
+
+@pytest.mark.parametrize("fragment", [0, 256], ids=["whole", "frag256"])
+@pytest.mark.parametrize("size", DEFLATE_SIZES)
+@pytest.mark.parametrize("kind", list(DATA_KINDS))
+@bounded()
+async def test_12_compressed_messages_are_echoed_compressed(
+    deflate_server: lightws.Server, kind: str, size: int, fragment: int
+) -> None:
+    """Autobahn 12.x: RFC 7692 7.2 with context takeover both ways (the default offer
+    of browsers), messages of one kind and size, whole or in 256-byte frames."""
+    opcode, make = DATA_KINDS[kind]
+    ws, peer = await deflate_connect(deflate_server, "permessage-deflate; client_max_window_bits")
+    async with ws:
+        messages = [make(size + i) for i in range(5)]
+        for m in messages:
+            await deflate_send(ws, peer, opcode, m, fragment)
+        for m in messages:
+            got_op, got, compressed = await deflate_recv(ws, peer)
+            assert (got_op, got) == (opcode, m)
+            # Messages of at least min_size (64 B) are compressed, shorter ones not.
+            assert compressed == (len(m) >= 64)
+        await ws.send_close(1000)
+        assert (await ws.read_close())[0] == 1000
+
+
+def offer_of(snct: bool, smwb: int | None, cmwb: int | str | None, cnct: bool) -> str:
+    offer = "permessage-deflate"
+    if snct:
+        offer += "; server_no_context_takeover"
+    if cnct:
+        offer += "; client_no_context_takeover"
+    if smwb is not None:
+        offer += f"; server_max_window_bits={smwb}"
+    if cmwb == "bare":
+        offer += "; client_max_window_bits"
+    elif cmwb is not None:
+        offer += f"; client_max_window_bits={cmwb}"
+    return offer
+
+
+CMWB: list[int | str | None] = [None, "bare", 8, 9, 10, 11, 12, 13, 14, 15]
+
+
+@pytest.mark.parametrize("cnct", [False, True], ids=["cct", "cnct"])
+@pytest.mark.parametrize("cmwb", CMWB, ids=[f"cmwb{v}" for v in CMWB])
+@pytest.mark.parametrize("smwb", [None, 8, 9, 12, 15], ids=lambda v: f"smwb{v}")
+@pytest.mark.parametrize("snct", [False, True], ids=["sct", "snct"])
+@bounded()
+async def test_13_every_parameter_combination_is_agreed_and_honoured(
+    deflate_server: lightws.Server,
+    snct: bool,
+    smwb: int | None,
+    cmwb: int | str | None,
+    cnct: bool,
+) -> None:
+    """Autobahn 13.1-13.6 and beyond: each offer is accepted with exactly what it asked
+    (RFC 7692 7.1), and messages of 16 B to 128 KiB, whole and fragmented, are echoed
+    with the agreed windows and context takeover in both directions."""
+    ws, peer = await deflate_connect(deflate_server, offer_of(snct, smwb, cmwb, cnct))
+    agreed = parse_agreed(ws.response.header("Sec-WebSocket-Extensions"))
+    expect: dict[str, int | None] = {}
+    if snct:
+        expect["server_no_context_takeover"] = None
+    if smwb is not None:
+        expect["server_max_window_bits"] = smwb
+    if cmwb is not None:
+        expect["client_max_window_bits"] = 15 if cmwb == "bare" else int(cmwb)
+    assert agreed == expect
+    async with ws:
+        # The sizes of 12.x, each whole or in 1000-byte frames (alternately, so that the
+        # 200 combinations stay quick).
+        for i, size in enumerate(DEFLATE_SIZES):
+            for fragment in (0, 1000) if size in (16, 64 * KiB) else ((0, 1000)[i % 2],):
+                m = json_of(size + i)
+                await deflate_send(ws, peer, TEXT, m, fragment)
+                assert await deflate_recv(ws, peer) == (TEXT, m, len(m) >= 64)
+        await ws.send_close(1000)
+        assert (await ws.read_close())[0] == 1000
+
+
+@pytest.mark.parametrize(
+    ("offers", "answer"),
+    [
+        # 13.7: several offers; the first that can be satisfied wins.
+        (
+            "permessage-deflate; server_no_context_takeover; server_max_window_bits=8, "
+            "permessage-deflate; server_no_context_takeover, permessage-deflate",
+            "permessage-deflate; server_no_context_takeover; server_max_window_bits=8",
+        ),
+        (
+            "permessage-deflate; server_max_window_bits=7, permessage-deflate; foo, "
+            "permessage-deflate; client_max_window_bits",
+            "permessage-deflate; client_max_window_bits=12",
+        ),
+        ("x-webkit-deflate-frame, permessage-deflate", "permessage-deflate"),
+    ],
+)
+@bounded()
+async def test_13_7_the_first_acceptable_offer_is_taken(offers: str, answer: str) -> None:
+    async with serve(echo_handshake, compression=lightws.Deflate()) as server:
+        ws, peer = await deflate_connect(server, offers)
+        async with ws:
+            assert ws.response.header("Sec-WebSocket-Extensions") == answer
+            m = json_of(3000)
+            await deflate_send(ws, peer, TEXT, m)
+            assert await deflate_recv(ws, peer) == (TEXT, m, True)
+
+
+@bounded()
+async def test_13_windows_are_capped_by_the_servers_settings() -> None:
+    compression = lightws.Deflate(
+        server_max_window_bits=10, client_max_window_bits=9, client_no_context_takeover=True
+    )
+    async with serve(echo_handshake, compression=compression) as server:
+        offer = "permessage-deflate; server_max_window_bits=14; client_max_window_bits=15"
+        ws, peer = await deflate_connect(server, offer)
+        async with ws:
+            assert parse_agreed(ws.response.header("Sec-WebSocket-Extensions")) == {
+                "client_no_context_takeover": None,
+                "server_max_window_bits": 10,
+                "client_max_window_bits": 9,
+            }
+            for size in (100, 5000, 70000):
+                m = json_of(size)
+                await deflate_send(ws, peer, TEXT, m)
+                assert await deflate_recv(ws, peer) == (TEXT, m, True)
+
+
+@bounded()
+async def test_13_unacceptable_offers_and_no_config_mean_no_extension() -> None:
+    async with serve(echo_handshake, compression=lightws.Deflate()) as server:
+        for offer in ("permessage-deflate; server_max_window_bits=16", "permessage-deflate; x=1"):
+            ws = await RawWebSocket.connect(
+                server.port, extra=[("Sec-WebSocket-Extensions", offer)]
+            )
+            async with ws:
+                assert ws.response.header("Sec-WebSocket-Extensions") is None
+    async with serve(echo_handshake) as server:
+        ws = await RawWebSocket.connect(
+            server.port, extra=[("Sec-WebSocket-Extensions", "permessage-deflate")]
+        )
+        async with ws:
+            assert ws.response.header("Sec-WebSocket-Extensions") is None
+            # Compression is off by default: RSV1 is still a protocol error.
+            await ws.send_frame(TEXT, b"\xf2\x48\xcd\xc9\xc9\x07\x00", rsv1=True)
+            assert (await ws.read_close())[0] == 1002
+
+
+@bounded()
+async def test_13_short_messages_go_uncompressed_and_uncompressed_input_is_accepted(
+    deflate_server: lightws.Server,
+) -> None:
+    ws, peer = await deflate_connect(deflate_server, "permessage-deflate")
+    async with ws:
+        # Below min_size (64 B) the echo is sent as is.
+        await deflate_send(ws, peer, TEXT, b"tiny")
+        assert await deflate_recv(ws, peer) == (TEXT, b"tiny", False)
+        # A client may send any message uncompressed (RFC 7692 6).
+        await ws.send_frame(TEXT, json_of(500))
+        assert await deflate_recv(ws, peer) == (TEXT, json_of(500), True)
+        # An empty compressed message (a lone 0x00 byte, RFC 7692 7.2.3.6).
+        await ws.send_frame(BINARY, b"\x00", rsv1=True)
+        assert await deflate_recv(ws, peer) == (BINARY, b"", False)
+        # Control frames are never compressed, and pass between fragments.
+        await ws.send_frame(PING, b"p")
+        pong = await ws.recv_frame()
+        assert (pong.opcode, pong.rsv, pong.payload) == (PONG, 0, b"p")
+
+
+# -- bad input with permessage-deflate ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [build_frame(PING, b"x", rsv1=True)],
+        [build_frame(CLOSE, struct.pack("!H", 1000), rsv1=True)],
+        [build_frame(TEXT, b"a", fin=False), build_frame(CONT, b"b", rsv1=True)],
+        [build_frame(BINARY, b"a", rsv2=True)],
+        [build_frame(BINARY, b"a", rsv1=True, rsv3=True)],
+    ],
+    ids=["ping", "close", "continuation", "rsv2", "rsv1-rsv3"],
+)
+@bounded()
+async def test_12_rsv1_on_a_control_frame_or_continuation_is_1002(
+    deflate_server: lightws.Server, frames: list[bytes]
+) -> None:
+    ws, _ = await deflate_connect(deflate_server, "permessage-deflate")
+    async with ws:
+        await ws.write(b"".join(frames))
+        assert (await ws.read_close())[0] == 1002
+
+
+@bounded()
+async def test_12_a_corrupt_deflate_stream_is_1002(deflate_server: lightws.Server) -> None:
+    """Documented choice (docs/security.md): a payload that is not a deflate stream
+    breaks the negotiated extension, a protocol error (1002); 1007 is kept for inflated
+    TEXT that is not UTF-8."""
+    ws, _ = await deflate_connect(deflate_server, "permessage-deflate")
+    async with ws:
+        await ws.send_frame(BINARY, b"\xff\xff\xff\xff", rsv1=True)  # block type 3
+        assert (await ws.read_close())[0] == 1002
+
+
+@pytest.mark.parametrize("fragment", [0, 5])
+@bounded()
+async def test_12_invalid_utf8_after_inflating_is_1007(
+    deflate_server: lightws.Server, fragment: int
+) -> None:
+    ws, peer = await deflate_connect(deflate_server, "permessage-deflate")
+    async with ws:
+        await deflate_send(ws, peer, TEXT, json_of(100) + b"\xc3\x28" + json_of(100), fragment)
+        assert (await ws.read_close())[0] == 1007
+
+
+def vm_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@bounded(60)
+async def test_12_a_1_gb_deflate_bomb_in_a_1_mb_frame_is_1009_without_a_big_allocation() -> None:
+    import zlib
+
+    c = zlib.compressobj(9, wbits=-15)
+    zeros = bytes(1 << 20)
+    bomb = b"".join(c.compress(zeros) for _ in range(1024)) + c.flush(zlib.Z_SYNC_FLUSH)
+    bomb = bomb[:-4]
+    assert len(bomb) < 1100 * KiB  # 1 GiB of output from about 1 MB of input
+    compression = lightws.Deflate()
+    async with serve(echo_handshake, max_msg_len=2 * MiB, compression=compression) as server:
+        ws, _ = await deflate_connect(server, "permessage-deflate")
+        async with ws:
+            before = vm_rss()
+            await ws.send_frame(BINARY, bomb, rsv1=True)
+            code, _ = await ws.read_close(timeout=20)
+            assert code == 1009
+            # The server inflated at most max_msg_len (2 MiB) before giving up.
+            assert vm_rss() - before < 64 * MiB
