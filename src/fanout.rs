@@ -29,7 +29,63 @@ use indexmap::IndexMap;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use crate::shared::{Backpressure, ConnShared, Fanned};
+use crate::deflate::{Compressor, Direction};
+use crate::frame::OpCode;
+use crate::shared::{Backpressure, ConnShared, Fanned, SharedItem};
+
+/// Frames of a publish compressed for subscribers with server_no_context_takeover, one
+/// per parameter set (window bits, level): compressed once, shared by reference.
+type Compressed = Vec<((u8, u8), Bytes)>;
+
+/// The item to queue for `conn`: the frame as encoded, or, when the connection
+/// negotiated permessage-deflate and the message is at least `min_size`, compressed:
+/// once per parameter set when the connection's server side has no context takeover
+/// (with `cache`, the publish's), else by its own session (its own window).
+fn fit(conn: &ConnShared, frame: &Bytes, cache: Option<&mut Compressed>) -> SharedItem {
+    let Some(p) = conn.deflate else {
+        return SharedItem::Frame(frame.clone());
+    };
+    // Our own frames: unmasked, FIN, a data opcode.
+    let head = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return SharedItem::Frame(frame.clone()),
+    };
+    let op = match OpCode::from_u8(frame[0] & 0x0f) {
+        Some(op @ (OpCode::Text | OpCode::Binary)) => op,
+        _ => return SharedItem::Frame(frame.clone()),
+    };
+    let min = conn.cfg.deflate.map_or(usize::MAX, |d| d.min_size);
+    if frame.len() - head < min {
+        return SharedItem::Frame(frame.clone());
+    }
+    let payload = frame.slice(head..);
+    match cache {
+        Some(cache) if p.server_no_context_takeover => {
+            let key = (p.server_max_window_bits, p.level);
+            if let Some((_, f)) = cache.iter().find(|(k, _)| *k == key) {
+                return SharedItem::Frame(f.clone());
+            }
+            let mut c = Compressor::new(
+                Direction {
+                    window_bits: p.server_max_window_bits,
+                    no_context_takeover: true,
+                },
+                p.level,
+            );
+            let mut body = Vec::new();
+            c.compress(&payload, &mut body);
+            let mut f = Vec::with_capacity(crate::frame::MAX_HEADER_LEN + body.len());
+            crate::frame::encode_frame(&mut f, true, op, &body, None);
+            f[0] |= 0x40; // RSV1: compressed (RFC 7692 6)
+            let f = Bytes::from(f);
+            cache.push((key, f.clone()));
+            SharedItem::Frame(f)
+        }
+        _ => SharedItem::Compress(op, payload),
+    }
+}
 
 /// One topic: its name and its subscribers.
 pub struct Topic {
@@ -227,7 +283,12 @@ impl Fanout {
     /// Queue a shared frame on one connection with the slow-consumer policy, counting
     /// what the policy did. True if it was queued.
     pub fn deliver(&self, conn: &ConnShared, frame: Bytes) -> bool {
-        match conn.push_shared(frame, Some(self.policy)) {
+        let item = fit(conn, &frame, None);
+        self.deliver_item(conn, item)
+    }
+
+    fn deliver_item(&self, conn: &ConnShared, item: SharedItem) -> bool {
+        match conn.push_shared_item(item, Some(self.policy)) {
             Fanned::Queued => true,
             Fanned::Dropped => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -252,10 +313,14 @@ impl Fanout {
                         exclude,
                     } => {
                         {
+                            // Compressed once per parameter set for the subscribers
+                            // without server context takeover (on this tokio thread).
+                            let mut compressed = Compressed::new();
                             let subs = topic.subs.lock();
                             for (id, conn) in subs.iter() {
                                 if Some(*id) != exclude {
-                                    self.deliver(conn, frame.clone());
+                                    let item = fit(conn, &frame, Some(&mut compressed));
+                                    self.deliver_item(conn, item);
                                 }
                             }
                         }

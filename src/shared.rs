@@ -106,6 +106,27 @@ impl Outbox {
     }
 }
 
+/// What a fan-out queues on one connection.
+pub enum SharedItem {
+    /// An encoded frame, shared by reference.
+    Frame(Bytes),
+    /// A data message to compress on the connection's thread (its payload shared).
+    Compress(OpCode, Bytes),
+}
+
+impl SharedItem {
+    /// Bytes it counts for back-pressure (a message to compress: its raw size).
+    pub fn len(&self) -> usize {
+        match self {
+            SharedItem::Frame(b) | SharedItem::Compress(_, b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The slow-consumer policy for frames fanned out to many connections (`publish`,
 /// `broadcast`): `Config.max_backpressure` and `Config.on_backpressure`.
 #[derive(Debug, Clone, Copy)]
@@ -193,7 +214,14 @@ impl ConnShared {
     /// Queue a frame shared with other connections (a publish or a broadcast), applying
     /// the slow-consumer policy if given. Never waits.
     pub fn push_shared(&self, frame: Bytes, policy: Option<Backpressure>) -> Fanned {
-        let len = frame.len();
+        self.push_shared_item(SharedItem::Frame(frame), policy)
+    }
+
+    /// [`ConnShared::push_shared`] for either kind of shared item: an encoded frame, or
+    /// a message whose payload is shared and that this connection's session compresses
+    /// (permessage-deflate with context takeover: its own window).
+    pub fn push_shared_item(&self, item: SharedItem, policy: Option<Backpressure>) -> Fanned {
+        let len = item.len();
         let mut ob = self.outbox.lock();
         if ob.closed || ob.closing || ob.overflow {
             return Fanned::Skipped;
@@ -210,10 +238,14 @@ impl ConnShared {
             }
         }
         let wake = ob.queue.is_empty() && !ob.fragmenting;
-        if ob.fragmenting {
-            ob.held.push_chunk(frame);
+        let q = if ob.fragmenting {
+            &mut ob.held
         } else {
-            ob.queue.push_chunk(frame);
+            &mut ob.queue
+        };
+        match item {
+            SharedItem::Frame(frame) => q.push_chunk(frame),
+            SharedItem::Compress(op, data) => q.push_compress(op, data),
         }
         self.unsent.fetch_add(len, Ordering::Relaxed);
         drop(ob);

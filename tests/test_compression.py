@@ -230,3 +230,45 @@ async def test_cli_echo_with_compression_options_builds_the_config(monkeypatch: 
     )
     assert await asyncio.to_thread(cli.main, ["echo"]) == 0
     assert seen["compression"] is None
+
+
+async def test_publish_and_broadcast_are_compressed_per_subscriber_parameters() -> None:
+    """Subscribers with server_no_context_takeover share one compressed frame per
+    publish; with context takeover each one's session compresses with its own window;
+    one without the extension gets the plain frame."""
+    joined: list[lightws.Connection] = []
+
+    async def handler(conn: lightws.Connection) -> None:
+        conn.subscribe("room")
+        joined.append(conn)
+        async for _ in conn:
+            pass
+
+    def handshake(request: lightws.Request, response: lightws.Response) -> Any:
+        return handler
+
+    messages = [json_message(i, 3000) for i in range(5)]
+    async with serve(handshake, compression=lightws.Deflate()) as server:
+        nct = await raw_deflate(server, "permessage-deflate; server_no_context_takeover")
+        nct2 = await raw_deflate(server, "permessage-deflate; server_no_context_takeover")
+        ct = await raw_deflate(server, "permessage-deflate")
+        plain = await RawWebSocket.connect(server.port)
+        async with nct, nct2, ct, plain:
+            while len(joined) < 4:
+                await asyncio.sleep(0.01)
+            for m in messages:
+                assert server.publish("room", m) == 4
+            assert lightws.broadcast(joined, b"\x07" * 1000) == 4
+            takeover = zlib.decompressobj(wbits=-12)
+            for m in messages:
+                a, b = await nct.recv_frame(), await nct2.recv_frame()
+                assert (a.rsv, a.payload) == (4, b.payload)
+                assert inflate(a.payload) == m.encode()
+                c = await ct.recv_frame()
+                assert c.rsv == 4
+                assert takeover.decompress(c.payload + TAIL) == m.encode()
+                p = await plain.recv_frame()
+                assert (p.rsv, p.payload) == (0, m.encode())
+            assert inflate((await nct.recv_frame()).payload) == b"\x07" * 1000
+            assert takeover.decompress((await ct.recv_frame()).payload + TAIL) == b"\x07" * 1000
+            assert (await plain.recv_frame()).payload == b"\x07" * 1000
