@@ -17,6 +17,7 @@ from rawws import BINARY, TEXT, RawWebSocket
 from websockets.asyncio.client import connect
 
 TAIL = b"\x00\x00\xff\xff"
+NO_SERVER_TAKEOVER = "permessage-deflate; server_no_context_takeover"
 
 
 def json_message(i: int, size: int = 1024) -> str:
@@ -117,7 +118,7 @@ async def test_send_compress_overrides_the_policy() -> None:
 
     handshake, outcome = reporting_handshake(body)
     async with serve(handshake, compression=lightws.Deflate()) as server:
-        async with await raw_deflate(server, "permessage-deflate; server_no_context_takeover") as ws:
+        async with await raw_deflate(server, NO_SERVER_TAKEOVER) as ws:
             got = []
             for _ in range(9):
                 f = await ws.recv_frame()
@@ -159,7 +160,7 @@ async def test_large_compressed_sends_go_whole_and_keep_order_with_write_limit()
     async with serve(
         handshake, compression=lightws.Deflate(), write_limit=16 * 1024, max_msg_len=8 << 20
     ) as server:
-        async with await raw_deflate(server, "permessage-deflate; server_no_context_takeover") as ws:
+        async with await raw_deflate(server, NO_SERVER_TAKEOVER) as ws:
             f = await ws.recv_frame(timeout=20)
             assert (f.opcode, f.fin, f.rsv) == (BINARY, True, 4)
             assert inflate(f.payload) == big

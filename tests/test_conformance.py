@@ -927,17 +927,15 @@ DEFLATE_SIZES = [16, 64, 256, 1 * KiB, 4 * KiB, 8 * KiB, 16 * KiB, 32 * KiB, 64 
 
 def json_of(n: int) -> bytes:
     """``n`` bytes of JSON-like text (Autobahn 12.1 uses a large JSON file)."""
-    rows = b"".join(
-        b'{"id":%d,"name":"user%d","tags":["a","b%d"],"score":%d.%d},' % (i, i % 97, i % 7, i, i % 10)
-        for i in range(n // 40 + 2)
-    )
+    row = b'{"id":%d,"name":"user%d","tags":["a","b%d"],"score":%d.%d},'
+    rows = b"".join(row % (i, i % 97, i % 7, i, i % 10) for i in range(n // 40 + 2))
     return (b"[" + rows)[:n]
 
 
 def prose_of(n: int) -> bytes:
     """``n`` bytes of UTF-8 prose (Autobahn 12.3 uses Goethe's Faust)."""
     unit = "Habe nun, ach! Philosophie, Juristerei und Medizin, und leider auch Theologie "
-    return text_of(0) + (unit.encode() * (n // len(unit) + 1))[:n].decode("utf-8", "ignore").encode()
+    return (unit.encode() * (n // len(unit) + 1))[:n]
 
 
 def noise_of(n: int) -> bytes:

@@ -213,8 +213,7 @@ def _common_options() -> argparse.ArgumentParser:
         type=int,
         default=64,
         metavar="BYTES",
-        help="with --compression deflate: send shorter messages uncompressed "
-        "(default %(default)s)",
+        help="with --compression deflate: send shorter messages uncompressed (default %(default)s)",
     )
     common.add_argument(
         "--trusted-proxy",
