@@ -1,8 +1,11 @@
 """Echo servers of the libraries lightws is compared with, one per process.
 
     python bench/peers.py {websockets,picows,aiohttp} --port PORT [--uvloop]
+        [--compression {none,deflate,deflate-nct}]
 
-Each echoes every message back with its opcode, compression off, messages up to
+Each echoes every message back with its opcode, compression off (unless
+``--compression``: permessage-deflate at each library's comparable settings, see
+``compression_of``; ``deflate-nct`` with no context takeover both ways), messages up to
 16 MiB (as ``python -m lightws echo``), and prints ``ready`` once listening. The
 handlers are the libraries' idiomatic ones: websockets and aiohttp await the next
 message in a per-connection coroutine; picows is callback based and echoes each
@@ -21,6 +24,9 @@ from typing import Any
 
 MAX_SIZE = 16 << 20
 
+#: ``--compression``: none, deflate (context takeover) or deflate-nct (none either way).
+COMPRESSION = "none"
+
 
 async def websockets_server(host: str, port: int) -> Callable[[], Awaitable[None]]:
     from websockets.asyncio.server import ServerConnection, serve
@@ -33,7 +39,29 @@ async def websockets_server(host: str, port: int) -> Callable[[], Awaitable[None
             async for msg in ws:
                 await ws.send(msg)
 
-    server = await serve(handler, host, port, compression=None, max_size=MAX_SIZE)
+    extensions: Any = None
+    if COMPRESSION != "none":
+        from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+
+        # websockets' own defaults for compression="deflate" (window bits 12, memLevel 5).
+        nct = COMPRESSION == "deflate-nct"
+        extensions = [
+            ServerPerMessageDeflateFactory(
+                server_no_context_takeover=nct,
+                client_no_context_takeover=nct,
+                server_max_window_bits=12,
+                client_max_window_bits=12,
+                compress_settings={"memLevel": 5},
+            )
+        ]
+    server = await serve(
+        handler,
+        host,
+        port,
+        compression=None,
+        extensions=extensions,
+        max_size=MAX_SIZE,
+    )
 
     async def close() -> None:
         server.close()
@@ -70,7 +98,11 @@ async def aiohttp_server(host: str, port: int) -> Callable[[], Awaitable[None]]:
     from aiohttp import WSMsgType, web
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_SIZE)
+        # aiohttp's server follows the client's offer: its window is the offered
+        # server_max_window_bits (15 if none), server_no_context_takeover if asked;
+        # it never agrees to client_no_context_takeover.
+        compress = COMPRESSION != "none"
+        ws = web.WebSocketResponse(compress=compress, max_msg_size=MAX_SIZE)
         await ws.prepare(request)
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -111,7 +143,10 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--uvloop", action="store_true")
+    p.add_argument("--compression", choices=["none", "deflate", "deflate-nct"], default="none")
     args = p.parse_args(argv)
+    global COMPRESSION
+    COMPRESSION = args.compression
     logging.basicConfig(level=logging.ERROR)
     runner: Any = asyncio.run
     if args.uvloop:
