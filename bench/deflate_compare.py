@@ -23,9 +23,10 @@ Measured per server:
   client_no_context_takeover`` offered and configured (lightws
   ``--server-no-context-takeover --client-no-context-takeover``; websockets' factory
   with both; aiohttp agrees only to the server's);
-- **echo msgs/s**: 50 connections in a closed loop of 1 KiB JSON-like messages,
-  compressed both ways with context takeover, over DURATION seconds (two client
-  processes; on a 2-core machine they compete with the server for CPU);
+- **echo msgs/s**: the load generator (``python -m lightws bench --deflate``, Rust)
+  with 50 connections in a closed loop of 1 KiB JSON-like TEXT messages that differ
+  from one message to the next, compressed both ways with context takeover, best of
+  ``--repeat`` runs (on a 2-core machine the generator competes with the server);
 - **server µs/msg** and **loop µs/msg**: CPU of the whole server process and of its
   main (event-loop) thread per echoed message during that run (utime+stime from
   /proc/PID/stat and /proc/PID/task/PID/stat).
@@ -51,7 +52,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.append(str(HERE))
 
-from compare import HOST, PY, ServerProcess, proc_stat_cpu  # noqa: E402
+from compare import HOST, PY, ServerProcess  # noqa: E402
 
 OFFER = "permessage-deflate; server_max_window_bits=12; client_max_window_bits"
 OFFER_NCT = OFFER + "; server_no_context_takeover; client_no_context_takeover"
@@ -256,26 +257,37 @@ def memory_slope(server: str, low: int, high: int, nct: bool, one_message: bool)
         return (mem_high - mem_low) / max(fds_high - fds_low, 1)
 
 
-def echo_rate(server: str, duration: float) -> dict[str, float]:
-    with contextlib.ExitStack() as stack:
-        proc = Server(server)
-        stack.callback(proc.stop)
-        cpu0, loop0 = proc.cpu()
-        clients = [spawn_client("echo", str(proc.port), "25", str(duration)) for _ in range(2)]
-        total, secs = 0, 0.0
-        for c in clients:
-            out, err = c.communicate(timeout=duration + 120)
-            if c.returncode != 0:
-                raise RuntimeError(f"echo client failed: {err[-2000:]}")
-            r = json.loads(out.strip().splitlines()[-1])
-            total += r["messages"]
-            secs = max(secs, r["seconds"])
-        cpu1, loop1 = proc.cpu()
-        return {
-            "echo msgs/s": total / secs,
-            "server µs/msg": (cpu1 - cpu0) / total * 1e6,
-            "loop µs/msg": (loop1 - loop0) / total * 1e6,
-        }
+def echo_rate(server: str, duration: float, repeat: int) -> dict[str, float]:
+    """The load generator (Rust: its own compression is cheap beside a Python client's)
+    in echo mode with --deflate: 50 connections, 1 KiB JSON-like TEXT messages that
+    differ from one to the next, compressed with context takeover both ways. Best of
+    ``repeat`` runs (the machine may be shared)."""
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        with contextlib.ExitStack() as stack:
+            proc = Server(server)
+            stack.callback(proc.stop)
+            cpu0, loop0 = proc.cpu()
+            cmd = [PY, "-m", "lightws", "bench", proc.url, "--json", "-q", "--deflate"]
+            cmd += ["-c", "50", "-s", "1024", "-d", str(duration), "--warmup", "1"]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
+            if out.returncode != 0:
+                raise RuntimeError(f"load generator failed: {out.stderr.strip()[-2000:]}")
+            r = json.loads(out.stdout)
+            if r["failed"]:
+                raise RuntimeError(f"load generator: {r['errors']}")
+            cpu1, loop1 = proc.cpu()
+            total = r["messages"]
+            # CPU over warm-up and measured run, per message of the whole run.
+            run_msgs = total * (duration + 1) / duration
+            res = {
+                "echo msgs/s": r["msgs_per_s"],
+                "server µs/msg": (cpu1 - cpu0) / run_msgs * 1e6,
+                "loop µs/msg": (loop1 - loop0) / run_msgs * 1e6,
+            }
+            if res["echo msgs/s"] > best.get("echo msgs/s", 0):
+                best = res
+    return best
 
 
 COLUMNS = [
@@ -294,30 +306,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="200 -> 2,000 connections, 3 s echo")
     p.add_argument("--servers", default=",".join(SERVERS))
+    p.add_argument("--repeat", type=int, default=3, help="echo runs per server (best kept)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
-    low, high, duration = (200, 2000, 3.0) if args.quick else (1000, 10000, 10.0)
+    low, high, duration = (200, 2000, 3.0) if args.quick else (1000, 10000, 5.0)
     results: dict[str, dict[str, float | str]] = {}
     for server in args.servers.split(","):
         res: dict[str, float | str] = {}
-        for col, fn in [
-            ("idle KiB/conn", lambda: memory_slope(server, low, high, False, False)),
-            ("1 msg KiB/conn (takeover)", lambda: memory_slope(server, low, high, False, True)),
-            ("1 msg KiB/conn (no takeover)", lambda: memory_slope(server, low, high, True, True)),
+        for col, nct, one in [
+            ("idle KiB/conn", False, False),
+            ("1 msg KiB/conn (takeover)", False, True),
+            ("1 msg KiB/conn (no takeover)", True, True),
         ]:
             try:
-                res[col] = fn()
-            except Exception as e:  # noqa: BLE001 - reported in the table
+                res[col] = memory_slope(server, low, high, nct, one)
+            except Exception as e:
                 res[col] = f"failed: {e}"[:80]
             print(f"{server}: {col} = {res[col]}", file=sys.stderr, flush=True)
         try:
-            res.update(echo_rate(server, duration))
-        except Exception as e:  # noqa: BLE001
+            res.update(echo_rate(server, duration, args.repeat))
+        except Exception as e:
             res["echo msgs/s"] = f"failed: {e}"[:80]
         print(f"{server}: {res}", file=sys.stderr, flush=True)
         results[server] = res
     base = results.get("lightws", {})
     print(f"connections {low} -> {high}, echo {duration:g} s x 50 connections, 1 KiB JSON")
+    print(f"load average before the echo runs: {os.getloadavg()[0]:.2f}")
     print("| server | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
     for server, res in results.items():

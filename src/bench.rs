@@ -56,7 +56,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
 #[pyo3(signature = (
     mode, url, *, connections=100, size=64, pipeline=1, duration=5.0, warmup=1.0,
     rate=10000.0, sources=0, insecure=false, cafile=None, text=false, progress=true,
-    threads=1
+    threads=1, deflate=false
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn run_bench<'py>(
@@ -75,6 +75,7 @@ pub fn run_bench<'py>(
     text: bool,
     progress: bool,
     threads: usize,
+    deflate: bool,
 ) -> PyResult<Option<Bound<'py, PyDict>>> {
     // The signal check runs on this (the main) thread, GIL taken briefly.
     let signal_error: Mutex<Option<PyErr>> = Mutex::new(None);
@@ -121,6 +122,7 @@ pub fn run_bench<'py>(
         text,
         progress,
         threads,
+        deflate,
     };
     let result = py.detach(|| lightws_loadgen::run(opts, &interrupted));
     if let Some(e) = signal_error.lock().take() {

@@ -110,6 +110,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: idle mode on loopback, one per 16,000 connections)",
     )
     p.add_argument("--text", action="store_true", help="send TEXT (ASCII) instead of BINARY")
+    p.add_argument(
+        "--deflate",
+        action="store_true",
+        help="offer permessage-deflate (as browsers do, server window 12 bits); echo mode "
+        "sends JSON-like TEXT messages of --size bytes that change from message to "
+        "message, compressed with context takeover",
+    )
     p.add_argument("--insecure", action="store_true", help="wss://: skip certificate verification")
     p.add_argument("--cafile", help="wss://: PEM file of trusted CA certificates")
     p.add_argument(
@@ -190,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
             text=args.text,
             progress=not args.quiet,
             threads=args.threads,
+            deflate=args.deflate,
         )
     except KeyboardInterrupt:
         return 130

@@ -156,6 +156,7 @@ def run_bench(
     text: bool = False,
     progress: bool = True,
     threads: int = 1,
+    deflate: bool = False,
 ) -> dict[str, Any] | None:
     """Run the load generator (``mode`` echo/rate/idle) and return its report, or serve
     the floor echo server (``mode="floor-server"``, ``url`` = host:port) until interrupted.

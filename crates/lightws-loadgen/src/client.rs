@@ -26,6 +26,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use super::{mono_ns, Mode, Options, Phase, Shared};
+use lightws_proto::deflate::{Compressor, Decompressor, Direction};
 use lightws_proto::frame::{self, close_code, Decoder, Event, OpCode, Role};
 use lightws_proto::handshake;
 
@@ -322,13 +323,19 @@ async fn opening_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     target: &Target,
     rng: &mut Rng,
-) -> Result<Vec<u8>, String> {
+    deflate: bool,
+) -> Result<(Vec<u8>, Option<ClientDeflate>), String> {
     let mut nonce = [0u8; 16];
     rng.fill(&mut nonce);
     let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    let offer = if deflate {
+        format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n")
+    } else {
+        String::new()
+    };
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
         target.path,
         target.host_header()
     );
@@ -377,7 +384,13 @@ async fn opening_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                         ))
                     }
                 }
-                return Ok(buf.split_off(head));
+                let agreed = if deflate {
+                    let value = header("Sec-WebSocket-Extensions").unwrap_or_default();
+                    Some(ClientDeflate::from_response(&value)?)
+                } else {
+                    None
+                };
+                return Ok((buf.split_off(head), agreed));
             }
         }
     }
@@ -438,9 +451,9 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
     permit: tokio::sync::OwnedSemaphorePermit,
     rng: &mut Rng,
 ) -> Result<(), String> {
-    let leftover = tokio::time::timeout(
+    let (leftover, deflate) = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        opening_handshake(&mut stream, &plan.target, rng),
+        opening_handshake(&mut stream, &plan.target, rng, plan.opts.deflate),
     )
     .await
     .map_err(|_| "opening handshake timed out".to_string())??;
@@ -448,6 +461,10 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
     shared.opened.fetch_add(1, Ordering::Relaxed);
     shared.open.fetch_add(1, Ordering::Relaxed);
     let mut conn = Conn::new(stream, leftover);
+    if let Some(d) = deflate {
+        conn.dec.allow_rsv1(true);
+        conn.deflate = Some(Box::new(d));
+    }
     let result = match plan.opts.mode {
         Mode::Echo => conn.echo(plan, shared, phase, rng).await,
         Mode::Rate => conn.rate(plan, shared, index, phase, rng).await,
@@ -479,6 +496,87 @@ struct Conn<S> {
     dec: Decoder,
     /// Payload bytes of the message being received.
     msg_len: u64,
+    /// permessage-deflate, when offered and agreed.
+    deflate: Option<Box<ClientDeflate>>,
+    /// Messages sent (numbers the JSON-like messages of a deflate run).
+    sent: u64,
+}
+
+/// What the load generator offers with `deflate`: what browsers offer, plus a server
+/// window of 12 bits (aiohttp's server otherwise uses 15).
+pub const DEFLATE_OFFER: &str =
+    "permessage-deflate; server_max_window_bits=12; client_max_window_bits";
+
+/// The client's side of permessage-deflate.
+pub struct ClientDeflate {
+    out: Compressor,
+    inn: Decompressor,
+    /// The message being received, inflated.
+    msg: Vec<u8>,
+}
+
+impl ClientDeflate {
+    /// From the server's `Sec-WebSocket-Extensions` answer.
+    fn from_response(value: &str) -> Result<Self, String> {
+        let mut parts = value.split(';').map(str::trim);
+        if parts.next() != Some("permessage-deflate") {
+            return Err(format!(
+                "the server did not agree to permessage-deflate: {value:?}"
+            ));
+        }
+        let (mut snct, mut cnct, mut sbits, mut cbits) = (false, false, 15u8, 15u8);
+        for p in parts {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let bits = || {
+                v.trim_matches('"')
+                    .parse::<u8>()
+                    .map_err(|e| format!("{p}: {e}"))
+            };
+            match k.trim() {
+                "server_no_context_takeover" => snct = true,
+                "client_no_context_takeover" => cnct = true,
+                "server_max_window_bits" => sbits = bits()?,
+                "client_max_window_bits" => cbits = bits()?,
+                other => return Err(format!("unknown parameter {other:?} in {value:?}")),
+            }
+        }
+        Ok(Self {
+            out: Compressor::new(
+                Direction {
+                    window_bits: cbits,
+                    no_context_takeover: cnct,
+                },
+                6,
+            ),
+            inn: Decompressor::new(Direction {
+                window_bits: sbits,
+                no_context_takeover: snct,
+            }),
+            msg: Vec::new(),
+        })
+    }
+}
+
+/// The `n`th JSON-like message of about `size` bytes: quotes whose numbers change
+/// from one message to the next, as a market-data or chat feed's do.
+pub fn json_message(n: u64, size: usize) -> Vec<u8> {
+    let mut s = format!("{{\"type\":\"quotes\",\"seq\":{n},\"rows\":[");
+    let mut k = 0u64;
+    while s.len() < size {
+        let i = n.wrapping_mul(31).wrapping_add(k);
+        s.push_str(&format!(
+            "{{\"id\":{},\"sym\":\"S{:03}\",\"px\":{}.{:02},\"qty\":{},\"side\":\"{}\"}},",
+            n * 10 + k,
+            i % 50,
+            100 + i.wrapping_mul(7) % 900,
+            k * 13 % 100,
+            i.wrapping_mul(3) % 1000,
+            if k % 2 == 1 { "buy" } else { "sell" }
+        ));
+        k += 1;
+    }
+    s.truncate(size);
+    s.into_bytes()
 }
 
 impl<S: AsyncRead + AsyncWrite> Conn<S> {
@@ -492,6 +590,8 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
             out_pos: 0,
             dec: Decoder::new(Role::Client, None),
             msg_len: 0,
+            deflate: None,
+            sent: 0,
         }
     }
 
@@ -531,6 +631,38 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
             pos += n;
             match event {
                 None => {}
+                Some(Event::Data { payload, fin, .. }) if self.deflate.is_some() => {
+                    // permessage-deflate: count the inflated message.
+                    let d = self.deflate.as_mut().expect("checked");
+                    let before = d.msg.len();
+                    if self.dec.message_compressed() {
+                        d.inn
+                            .inflate(payload, &mut d.msg, usize::MAX / 4)
+                            .map_err(|e| format!("inflating the server's message: {e}"))?;
+                        if fin {
+                            d.inn
+                                .finish(&mut d.msg, usize::MAX / 4)
+                                .map_err(|e| format!("inflating the server's message: {e}"))?;
+                        }
+                    } else {
+                        d.msg.extend_from_slice(payload);
+                    }
+                    self.msg_len += (d.msg.len() - before) as u64;
+                    got.bytes += (d.msg.len() - before) as u64;
+                    if fin {
+                        d.msg.clear();
+                        if let Some(want) = expect {
+                            if self.msg_len != want {
+                                return Err(format!(
+                                    "echo of {} bytes for a {want}-byte message",
+                                    self.msg_len
+                                ));
+                            }
+                        }
+                        got.messages += 1;
+                        self.msg_len = 0;
+                    }
+                }
                 Some(Event::Data { payload, fin, .. }) => {
                     self.msg_len += payload.len() as u64;
                     got.bytes += payload.len() as u64;
@@ -597,6 +729,28 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
         Ok(())
     }
 
+    /// Queue the next echo-mode message: the plan's payload, or with permessage-deflate
+    /// the next JSON-like message of that size, compressed.
+    fn queue_message(&mut self, plan: &Plan, rng: &mut Rng) {
+        let Some(d) = self.deflate.as_mut() else {
+            frame::encode_frame(
+                &mut self.out,
+                true,
+                plan.opcode,
+                &plan.payload,
+                Some(rng.mask()),
+            );
+            return;
+        };
+        let msg = json_message(self.sent, plan.payload.len());
+        self.sent += 1;
+        let mut body = Vec::with_capacity(msg.len() / 2 + 64);
+        d.out.compress(&msg, &mut body);
+        let at = self.out.len();
+        frame::encode_frame(&mut self.out, true, OpCode::Text, &body, Some(rng.mask()));
+        self.out[at] |= 0x40; // RSV1: compressed
+    }
+
     /// Closed loop: keep `pipeline` messages in flight; send one whenever one
     /// comes back.
     async fn echo(
@@ -611,13 +765,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
         }
         let size = plan.payload.len() as u64;
         for _ in 0..plan.opts.pipeline {
-            frame::encode_frame(
-                &mut self.out,
-                true,
-                plan.opcode,
-                &plan.payload,
-                Some(rng.mask()),
-            );
+            self.queue_message(plan, rng);
         }
         loop {
             self.reserve();
@@ -647,9 +795,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                         return Err("the server closed the WebSocket".into());
                     }
                     for _ in 0..got.messages {
-                        frame::encode_frame(
-                            &mut self.out, true, plan.opcode, &plan.payload, Some(rng.mask()),
-                        );
+                        self.queue_message(plan, rng);
                     }
                 }
             }

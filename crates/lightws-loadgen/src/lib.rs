@@ -97,6 +97,11 @@ pub struct Options {
     pub cafile: Option<String>,
     /// Send TEXT (ASCII payload) instead of BINARY.
     pub text: bool,
+    /// Offer permessage-deflate (as browsers do, with `server_max_window_bits=12`) and,
+    /// in echo mode, send 1 KiB-ish JSON-like TEXT messages that differ from one
+    /// message to the next, compressed with context takeover (the run fails if the
+    /// server does not agree).
+    pub deflate: bool,
     /// Print a progress line on stderr once a second.
     pub progress: bool,
     /// Tokio worker threads of the load generator (1 = current-thread runtime).
