@@ -343,7 +343,15 @@ impl<S: Transport> Driver<S> {
             match self.io.poll_readable(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Idle: the read buffer the last message left (empty, kept while
+                    // input was flowing) goes back to the allocator, so a connection
+                    // that has exchanged messages costs what a fresh one does.
+                    if self.rbuf.capacity() > 0 {
+                        self.rbuf = Vec::new();
+                    }
+                    return Poll::Pending;
+                }
             }
         }
         if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
