@@ -60,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -110,6 +111,7 @@ class ServerProcess:
         app: str = "storm",
         loop: str = "asyncio",
         write_limit: int = 64 * 1024,
+        compression: bool = False,
     ) -> None:
         self.workdir = workdir
         self.stderr_path = workdir / f"server-{app}-{loop}.stderr"
@@ -118,6 +120,8 @@ class ServerProcess:
         self._stderr = open(self.stderr_path, "w")
         cmd = [sys.executable, str(SERVER_SCRIPT), "--app", app, "--loop", loop]
         cmd += ["--write-limit", str(write_limit), "--dump-file", str(self.dump_path)]
+        if compression:
+            cmd.append("--compression")
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL, text=True
         )
@@ -313,6 +317,9 @@ class FrameChecker:
         self.parts: list[bytes] = []
         self.closed = False
         self.frames = 0
+        #: permessage-deflate was agreed: RSV1 messages are inflated (context takeover).
+        self.inflater: Any = None
+        self.compressed = False
 
     def feed(self, data: bytes) -> list[Event]:
         self.buf += data
@@ -346,8 +353,9 @@ class FrameChecker:
         self.frames += 1
         if self.closed:
             raise ProtocolViolation(f"frame (opcode {op}) after the server's close frame")
-        if rsv:
-            raise ProtocolViolation(f"RSV bits {rsv:#x} set")
+        if rsv and not (rsv == 4 and self.inflater is not None and op in (TEXT, BINARY)):
+            # RFC 7692: RSV1 only with the extension, on a data message's first frame.
+            raise ProtocolViolation(f"RSV bits {rsv:#x} set on opcode {op}")
         if op in (CLOSE, PING, PONG):
             if not fin or len(payload) > 125:
                 raise ProtocolViolation(f"control frame {op} fin={fin} len={len(payload)}")
@@ -372,6 +380,7 @@ class FrameChecker:
             if self.msg_op is not None:
                 raise ProtocolViolation("new data frame inside a fragmented message")
             self.msg_op = op
+            self.compressed = rsv == 4
         else:
             raise ProtocolViolation(f"reserved opcode {op}")
         self.parts.append(payload)
@@ -379,6 +388,11 @@ class FrameChecker:
             return []
         body = b"".join(self.parts)
         opcode, self.msg_op, self.parts = self.msg_op, None, []
+        if self.compressed:
+            try:
+                body = self.inflater.decompress(body + b"\x00\x00\xff\xff")
+            except zlib.error as e:
+                raise ProtocolViolation(f"corrupt compressed message from the server: {e}") from e
         if opcode == TEXT:
             body.decode("utf-8")
         return [Event("message", opcode, body)]
@@ -400,6 +414,10 @@ class Peer:
         self.reader = reader
         self.writer = writer
         self.checker = FrameChecker()
+        #: Offer permessage-deflate in the upgrade (a storm with compression).
+        self.offer: str | None = None
+        #: The client's compressor once the extension is agreed (context takeover).
+        self.deflater: Any = None
         self.events: list[Event] = []
         self.eof = False
         self.gone = False
@@ -425,14 +443,27 @@ class Peer:
     async def upgrade(self, path: str) -> int:
         """Send the upgrade request; the response status (frames after it are parsed)."""
         key = rawws.new_key()
-        await self.write(rawws.upgrade_request(path, key=key))
+        extra = [("Sec-WebSocket-Extensions", self.offer)] if self.offer else None
+        await self.write(rawws.upgrade_request(path, key=key, extra=extra))
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), WAIT)
         status, _, headers = rawws.parse_head(head[:-4])
         if status == 101:
-            accept = dict((k.lower(), v) for k, v in headers).get("sec-websocket-accept")
+            found = dict((k.lower(), v) for k, v in headers)
+            accept = found.get("sec-websocket-accept")
             if accept != rawws.accept_key(key):
                 raise ProtocolViolation(f"bad Sec-WebSocket-Accept {accept!r}")
+            ext = found.get("sec-websocket-extensions")
+            if ext is not None:
+                if not self.offer or not ext.startswith("permessage-deflate"):
+                    raise ProtocolViolation(f"extension {ext!r} that was not offered")
+                self.checker.inflater = zlib.decompressobj(-15)
+                self.deflater = zlib.compressobj(6, zlib.DEFLATED, -12)
         return status
+
+    def compress(self, data: bytes) -> bytes:
+        """A message payload compressed with the agreed context (RFC 7692 7.2.1)."""
+        out: bytes = self.deflater.compress(data) + self.deflater.flush(zlib.Z_SYNC_FLUSH)
+        return out[:-4]
 
     async def write(self, data: bytes, timeout: float = WAIT) -> None:
         self.writer.write(data)
@@ -588,6 +619,8 @@ class Client:
     async def open(self, target: str, rcvbuf: int | None = None) -> Peer | None:
         """Connect and upgrade; None if the server refused (counted)."""
         self.peer = await Peer.connect(self.storm.port, rcvbuf)
+        if self.storm.opts.compression:
+            self.peer.offer = "permessage-deflate; client_max_window_bits"
         mode = target.split("mode=")[1].split("&")[0]
         self.storm.modes[mode] += 1
         status = await self.peer.upgrade(target)
@@ -920,6 +953,84 @@ class Client:
         await asyncio.sleep(rng.uniform(2.0, 4.0))
         peer.finish()
 
+    async def deflate(self) -> None:
+        """permessage-deflate (a storm with compression): compressed echoes, whole and
+        fragmented, with context takeover both ways; then a deflate bomb (1009), a
+        corrupt stream (1002), bad UTF-8 after inflating (1007), a reset in the middle
+        of a compressed message, or a stalled reader of compressed messages."""
+        rng = self.rng
+        peer = await self.open(path("echo", rng))
+        if not peer:
+            return
+        if peer.deflater is None:
+            self.storm.fail("the server did not agree to permessage-deflate")
+            peer.rst()
+            return
+        for _ in range(rng.randrange(1, 8)):
+            size = rng.choice([0, 10, 100, 1000, 20_000, rng.randrange(300_000)])
+            op = rng.choice([TEXT, BINARY])
+            body = b'{"k":%d,"v":"%s"},' % (rng.randrange(1000), b"ab" * rng.randrange(9))
+            body = (body * (size // len(body) + 1))[:size]
+            wire = peer.compress(body)
+            if len(wire) > 10 and rng.random() < 0.4:
+                cut = rng.randrange(1, len(wire))
+                first = build_frame(op, wire[:cut], fin=False, rsv1=True)
+                await peer.write(first + build_frame(CONT, wire[cut:]))
+            else:
+                await peer.write(build_frame(op, wire, rsv1=True))
+            ev = await peer.read_until(lambda e: e.kind in ("message", "close"), timeout=WAIT + 10)
+            if ev is None or ev.kind != "message" or ev.opcode != op or ev.payload != body:
+                got = None if ev is None else (ev.kind, ev.opcode, len(ev.payload))
+                self.storm.fail(f"compressed echo of {size} B came back as {got}")
+                peer.rst()
+                return
+            self.storm.echoed += 1
+        how = rng.choice(["bomb", "corrupt", "utf8", "reset_mid", "stall", "clean"])
+        self.fault(f"deflate/{how}")
+        if how in ("bomb", "corrupt", "utf8"):
+            if how == "bomb":
+                frame = build_frame(BINARY, deflate_bomb(), rsv1=True)
+            elif how == "corrupt":
+                frame = build_frame(BINARY, b"\xff\xfe\xfd" * 10, rsv1=True)
+            else:
+                frame = build_frame(TEXT, peer.compress(b"ok \xc3\x28 bad"), rsv1=True)
+            await peer.write(frame)
+            want = {"bomb": 1009, "corrupt": 1002, "utf8": 1007}[how]
+            ev = await peer.read_until(lambda e: e.kind == "close", timeout=WAIT + 10)
+            if ev is None or ev.code != want:
+                self.storm.fail(f"deflate {how}: closed with {ev and ev.code}, not {want}")
+            peer.finish()
+        elif how == "reset_mid":
+            wire = peer.compress(b"x" * 100_000 + bytes(range(256)) * 400)
+            await peer.write(build_frame(BINARY, wire[: len(wire) // 2], fin=False, rsv1=True))
+            peer.rst()
+        elif how == "stall":
+            # Many compressed echoes not read: the server's output backs up.
+            peer.pause()
+            big = peer.compress(bytes(range(256)) * 4000)
+            with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
+                for _ in range(20):
+                    await peer.write(build_frame(BINARY, big, rsv1=True), timeout=1.0)
+            await asyncio.sleep(rng.uniform(0.2, 1.5))
+            peer.resume()
+            await self.end(peer)
+        else:
+            outcome = await peer.close_handshake(1000)
+            if outcome != "close":
+                self.storm.fail(f"deflate: close handshake ended with {outcome}")
+
+
+_BOMB: list[bytes] = []
+
+
+def deflate_bomb() -> bytes:
+    """64 MiB of zeros in about 64 KiB: over the storm server's max_msg_len (4 MiB)."""
+    if not _BOMB:
+        c = zlib.compressobj(9, zlib.DEFLATED, -15)
+        zeros = bytes(1 << 20)
+        _BOMB.append(b"".join(c.compress(zeros) for _ in range(64)) + c.flush(zlib.Z_SYNC_FLUSH))
+    return _BOMB[0][:-4]
+
 
 #: Fault kinds and their weights.
 KINDS: dict[str, float] = {
@@ -939,6 +1050,9 @@ KINDS: dict[str, float] = {
     "clean_stream": 1.0,
     "issue9": 0.5,
 }
+
+#: Kinds added when the storm runs with compression (StormOptions.compression).
+DEFLATE_KINDS: dict[str, float] = {"deflate": 3.0}
 
 
 # -- the storm -----------------------------------------------------------------------------
@@ -964,8 +1078,12 @@ class StormOptions:
     settle_timeout: float = 30.0
     #: RSS after the storm may exceed RSS before it by at most this (MiB).
     rss_slack_mib: int = 64
-    #: Restrict to these fault kinds (default: all of KINDS).
+    #: Restrict to these fault kinds (default: all of KINDS, plus DEFLATE_KINDS with
+    #: compression).
     kinds: list[str] | None = None
+    #: The server offers permessage-deflate and every client asks for it: all the
+    #: fault kinds run over compressed traffic, plus the "deflate" kind.
+    compression: bool = False
     #: Keep the server's logs and dumps here (default: a temporary directory).
     workdir: Path | None = None
     progress: bool = False
@@ -1081,9 +1199,10 @@ class Storm:
         self.echoed = 0
         self.counter = [0]
         self.master = random.Random(opts.seed)
-        kinds = opts.kinds or list(KINDS)
+        weights = {**KINDS, **(DEFLATE_KINDS if opts.compression else {})}
+        kinds = opts.kinds or list(weights)
         self.kinds = kinds
-        self.weights = [KINDS[k] for k in kinds]
+        self.weights = [weights[k] for k in kinds]
 
     def fail(self, msg: str) -> None:
         self.report.failures.append(msg)
@@ -1246,7 +1365,9 @@ def run_storm(opts: StormOptions) -> StormReport:
         workdir = opts.workdir
         workdir.mkdir(parents=True, exist_ok=True)
     report.workdir = str(workdir)
-    server = ServerProcess(workdir, loop=opts.loop, write_limit=opts.write_limit)
+    server = ServerProcess(
+        workdir, loop=opts.loop, write_limit=opts.write_limit, compression=opts.compression
+    )
     prober = Prober(server.port, opts.probe_interval, opts.freeze_after)
     started = time.monotonic()
     try:
@@ -1361,6 +1482,12 @@ def main() -> int:
     p.add_argument("--max-clients", type=int, default=1_000_000)
     p.add_argument("--kinds", default=None, help="comma-separated fault kinds (default: all)")
     p.add_argument("--keep-dir", type=Path, default=None, help="where to keep the server's logs")
+    p.add_argument(
+        "--compression",
+        action="store_true",
+        help="permessage-deflate on the server and offered by every client, plus the "
+        "'deflate' fault kind (bombs, corrupt streams, resets mid-message)",
+    )
     a = p.parse_args()
     opts = StormOptions(
         seed=a.seed,
@@ -1370,6 +1497,7 @@ def main() -> int:
         max_clients=a.max_clients,
         kinds=a.kinds.split(",") if a.kinds else None,
         workdir=a.keep_dir,
+        compression=a.compression,
         freeze_after=10.0,
         progress=True,
     )

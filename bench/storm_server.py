@@ -490,6 +490,9 @@ async def main(args: argparse.Namespace) -> None:
         close_timeout=args.close_timeout,
         # Small enough that stalled storm clients in pubsub rooms hit it (closed 1013).
         max_backpressure=512 * 1024,
+        # --compression: permessage-deflate for the clients that offer it (all of them
+        # in a storm with compression).
+        compression=lightws.Deflate() if args.compression else None,
     )
     monitor = asyncio.ensure_future(lag_monitor())
     async with lightws.Server(config) as server:
@@ -508,6 +511,7 @@ if __name__ == "__main__":
     p.add_argument("--write-limit", type=int, default=64 * 1024)
     p.add_argument("--close-timeout", type=float, default=5.0)
     p.add_argument("--dump-file", default=None)
+    p.add_argument("--compression", action="store_true", help="permessage-deflate on")
     a = p.parse_args()
     setup_logging()
     if a.dump_file:

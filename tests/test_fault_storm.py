@@ -60,6 +60,35 @@ def test_fault_storm(loop: str, tmp_path: Path) -> None:
     assert len(kinds) >= len(fault_storm.KINDS) // 2, report.render()
 
 
+@pytest.mark.timeout(180)
+def test_fault_storm_with_compression(tmp_path: Path) -> None:
+    """The storm with permessage-deflate: every client negotiates it, so every fault
+    kind runs over compressed traffic, plus deflate bombs, corrupt streams, bad UTF-8
+    after inflating, resets mid compressed message and stalled readers. One loop: the
+    compression path is in Rust, the loop only queues messages."""
+    opts = fault_storm.StormOptions(
+        seed=SEED,
+        duration=5.0,
+        loop="asyncio",
+        concurrency=16,
+        max_clients=2000,
+        freeze_after=5.0,
+        workdir=tmp_path,
+        compression=True,
+    )
+    report = fault_storm.run_storm(opts)
+    print(report.render())
+    assert report.ok, "\n" + report.render()
+    assert report.clients >= 20, report.render()
+    assert report.leaked_connections == 0
+    assert report.handlers_running == 0
+    assert (
+        report.faults["deflate"]
+        if "deflate" in report.faults
+        else any(k.startswith("deflate/") for k in report.faults)
+    ), report.render()
+
+
 def read_head(sock: socket.socket) -> bytes:
     """The HTTP response head, byte by byte: nothing after it is read."""
     head = b""
