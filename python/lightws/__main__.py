@@ -3,8 +3,11 @@
     python -m lightws echo      --addr 127.0.0.1:9001   # ?reverse=1 reverses
     python -m lightws countdown --addr 127.0.0.1:9001   # send N: "N...", ..., "boom!"
     python -m lightws push      --addr 127.0.0.1:9001 --put-addr 127.0.0.1:9002
+    python -m lightws serve myapp:handshake --addr :9001 --workers 4 [--pubsub redis://...]
 
-Open http://127.0.0.1:9001/ in a browser for the demo's page. SIGINT/SIGTERM stop
+Open http://127.0.0.1:9001/ in a browser for a demo's page. ``serve`` runs your own
+application (a handshake callable or a lightws.Config) in N worker processes sharing
+the port; see docs/deploy.md. SIGINT/SIGTERM stop
 accepting, close every connection with 1001 (waiting up to --close-timeout) and exit 0;
 a second SIGINT/SIGTERM during that wait aborts it (connections dropped, exit 0 too).
 A configuration mistake (a bad address, an unreadable or mismatched certificate, a port
@@ -27,7 +30,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from . import Config, HandshakeFunc, LogLevel, Server, _bench
+from . import Config, HandshakeFunc, LogLevel, Server, _bench, _serve
 from ._run import ShutdownOnSignals
 from .demos import PushRegistry, countdown_handshake, echo_handshake
 
@@ -38,11 +41,7 @@ __all__ = ["main"]
 SideServers = Callable[[], list[tuple[Server, str]]]
 
 
-def _split_addr(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address must be host:port, not {addr!r}")
-    return host.strip("[]"), int(port)
+_split_addr = _serve._split_addr
 
 
 def _is_loopback(host: str) -> bool:
@@ -218,6 +217,15 @@ def _parser() -> argparse.ArgumentParser:
         default="127.0.0.1:9002",
         help="loopback host:port of the HTTP push endpoint (default %(default)s)",
     )
+    serve = sub.add_parser(
+        "serve",
+        help="run MODULE:ATTR (a handshake callable or a lightws.Config) in N workers",
+        description="Run an application in N worker processes sharing the address "
+        "(SO_REUSEPORT), supervised: a worker that dies is restarted; SIGTERM/SIGINT "
+        "close every client with 1001 and exit 0; SIGHUP reloads the certificates. "
+        "See docs/deploy.md.",
+    )
+    _serve.add_arguments(serve)
     bench = sub.add_parser("bench", help="load generator: echo, rate and idle loads")
     _bench.add_arguments(bench)
     return p
@@ -256,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
         return _bench.run(args)
+    if args.command == "serve":
+        return _serve.run(args)
     if bool(args.cert) != bool(args.key):
         return _error("--cert and --key go together")
     level = LogLevel[args.log_level]
