@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from . import Config, HandshakeFunc, LogLevel, Server, _bench, _serve
+from . import Config, HandshakeFunc, LogLevel, Server, _bench, _workers
 from ._run import ShutdownOnSignals
 from .demos import PushRegistry, countdown_handshake, echo_handshake
 
@@ -41,7 +41,7 @@ __all__ = ["main"]
 SideServers = Callable[[], list[tuple[Server, str]]]
 
 
-_split_addr = _serve._split_addr
+_split_addr = _workers._split_addr
 
 
 def _is_loopback(host: str) -> bool:
@@ -225,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
         "close every client with 1001 and exit 0; SIGHUP reloads the certificates. "
         "See docs/deploy.md.",
     )
-    _serve.add_arguments(serve)
+    _workers.add_arguments(serve)
     bench = sub.add_parser("bench", help="load generator: echo, rate and idle loads")
     _bench.add_arguments(bench)
     return p
@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         return _bench.run(args)
     if args.command == "serve":
-        return _serve.run(args)
+        return _workers.run(args)
     if bool(args.cert) != bool(args.key):
         return _error("--cert and --key go together")
     level = LogLevel[args.log_level]
