@@ -59,15 +59,22 @@ async def until(predicate: Callable[[], Any], what: str, timeout: float = 10.0) 
             return
 
 
-async def resp(host: str, port: int, *args: str | bytes) -> Any:
+def _command(*args: str | bytes) -> bytes:
+    out = [f"*{len(args)}\r\n".encode()]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        out.append(f"${len(b)}\r\n".encode() + b + b"\r\n")
+    return b"".join(out)
+
+
+async def resp(host: str, port: int, *args: str | bytes, password: str | None = None) -> Any:
     """Send one command to Redis and return its (RESP2) reply."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        out = [f"*{len(args)}\r\n".encode()]
-        for a in args:
-            b = a.encode() if isinstance(a, str) else a
-            out.append(f"${len(b)}\r\n".encode() + b + b"\r\n")
-        writer.write(b"".join(out))
+        if password is not None:
+            writer.write(_command("AUTH", password))
+            await _read_reply(reader)
+        writer.write(_command(*args))
         return await _read_reply(reader)
     finally:
         writer.close()

@@ -176,7 +176,7 @@ async def test_unreachable_redis_at_start_raises_oserror_naming_the_url() -> Non
 @pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "127.0.0.1:6379", "redis://"])
 async def test_a_malformed_url_is_a_value_error(url: str) -> None:
     server = lightws.Server(lightws.Config(addr="127.0.0.1:0", handshake=handshake, pubsub=url))
-    with pytest.raises(ValueError, match="Config.pubsub"):
+    with pytest.raises(ValueError, match=r"Config\.pubsub"):
         await server.start()
 
 

@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 from ._run import ShutdownOnSignals
 from ._types import LogLevel
@@ -67,8 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="worker processes sharing the address (SO_REUSEPORT); 0 = one per CPU "
-        "(default 1)",
+        help="worker processes sharing the address (SO_REUSEPORT); 0 = one per CPU (default 1)",
     )
     p.add_argument("--cert", help="PEM certificate chain (enables TLS; with --key)")
     p.add_argument("--key", help="PEM private key")
@@ -134,8 +134,7 @@ def load_config(args: argparse.Namespace) -> Config:
         config = Config(addr=DEFAULT_ADDR, handshake=obj)
     else:
         raise ValueError(
-            f"{args.app} must be a handshake callable or a lightws.Config, "
-            f"not {type(obj).__name__}"
+            f"{args.app} must be a handshake callable or a lightws.Config, not {type(obj).__name__}"
         )
     if args.addr is not None:
         overrides["addr"] = args.addr
@@ -208,7 +207,9 @@ async def _worker(config: Config, index: int, ready_fd: int) -> int:
             scheme = "wss" if config.cert_file else "ws"
             host, port = server.address
             host = f"[{host}]" if ":" in host else host
-            _say(f"lightws: worker {index} (pid {os.getpid()}) listening on {scheme}://{host}:{port}")
+            _say(
+                f"lightws: worker {index} (pid {os.getpid()}) listening on {scheme}://{host}:{port}"
+            )
             if ready_fd >= 0:
                 with contextlib.suppress(OSError):
                     os.write(ready_fd, b"1")
@@ -367,7 +368,8 @@ class Supervisor:
                     proc.terminate()
             started = time.monotonic()
             exited = asyncio.ensure_future(proc.wait())
-            await asyncio.wait([ready, exited], return_when=asyncio.FIRST_COMPLETED)
+            waits: list[asyncio.Future[Any]] = [ready, exited]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             listening = ready.done() and ready.result()
             if listening:
                 _say(f"lightws: worker {index} ready (pid {proc.pid})")
@@ -395,7 +397,8 @@ class Supervisor:
         """Wait for the worker to exit; once stopping, kill it after STOP_GRACE."""
         stop = asyncio.ensure_future(self.stopping.wait())
         try:
-            await asyncio.wait([exited, stop], return_when=asyncio.FIRST_COMPLETED)
+            waits: list[asyncio.Future[Any]] = [exited, stop]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if not exited.done():
                 try:
                     await asyncio.wait_for(asyncio.shield(exited), STOP_GRACE)
@@ -406,4 +409,3 @@ class Supervisor:
             return await exited
         finally:
             stop.cancel()
-
