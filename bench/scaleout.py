@@ -40,7 +40,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path
