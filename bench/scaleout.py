@@ -20,13 +20,15 @@ Measured:
 - **latency**: ``--rate`` messages per second for ``--seconds``; each carries the
   CLOCK_MONOTONIC time at which ``server.publish`` was called (one clock for every
   process on the machine), and each delivery's latency is its receipt time minus that:
-  p50/p99 for local and for remote subscribers.
+  p50/p99 for local and for remote subscribers. ``--probes`` of the room's subscribers
+  (20) measure it from a process of their own: in the big client a delivery's latency
+  would mostly be its place in the walk over 1,000 sockets (about 10 us each).
 - **kill -9**: four clients connect in a loop (connect, hello, close) while one of the
   two workers is killed and restarted; refused connections are counted.
 
-The clients are one Python process (asyncio, uvloop if installed, a minimal frame
-parser): on a 2-CPU machine it shares the CPUs with the workers and Redis, and at high
-delivery rates it is the bottleneck, for both setups alike (see the printed CPU times).
+The clients are Python (uvloop if installed, a minimal frame parser): on a 2-CPU
+machine they share the CPUs with the workers and Redis, and at high delivery rates the
+big client is the bottleneck, for both setups alike (see the printed CPU times).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -95,8 +99,7 @@ class Client(asyncio.Protocol):
         self.received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         key = base64.b64encode(os.urandom(16)).decode()
         transport.write(
             f"GET /?sub={self.bench.sub} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -151,8 +154,9 @@ class Client(asyncio.Protocol):
                 bench.received += 1
                 if bench.record:
                     space = buf.index(b" ", i + h)
-                    latency = now - int(buf[i + h : space])
-                    (bench.local if self.local else bench.remote).append(latency)
+                    if buf[space + 1] == 76:  # b"L": a latency message
+                        latency = now - int(buf[i + h : space])
+                        bench.samples.setdefault(self.pid.result(), []).append(latency)
             i += h + ln
         del buf[:i]
 
@@ -162,8 +166,8 @@ class Bench:
         self.sub = 1
         self.received = 0
         self.record = False
-        self.local: list[int] = []
-        self.remote: list[int] = []
+        #: Latency samples (ns) by the worker pid of the subscriber that got them.
+        self.samples: dict[int, list[int]] = {}
 
 
 async def connect(port: int, bench: Bench) -> Client:
@@ -249,17 +253,53 @@ def children_cpu() -> float:
 # -- the runs -----------------------------------------------------------------------------
 
 
+async def probe(port: int, count: int, messages: int) -> None:
+    """``--probe``: ``count`` subscribers in a process of their own, so that their
+    latency is not the time the big client takes to walk 1,000 sockets; prints the
+    latency samples by worker pid as JSON once each has ``messages`` of them."""
+    bench = Bench()
+    bench.record = True
+    subs = [await connect(port, bench) for _ in range(count)]
+    print("ready", flush=True)
+    await wait_until(
+        lambda: (
+            all(len(v) >= messages for v in bench.samples.values())
+            and len(bench.samples) == len({c.pid.result() for c in subs})
+        ),
+        60,
+    )
+    per_client = {pid: sum(c.pid.result() == pid for c in subs) for pid in bench.samples}
+    print(json.dumps({"samples": bench.samples, "clients": per_client}), flush=True)
+    for c in subs:
+        assert c.transport is not None
+        c.transport.close()
+
+
 async def room(port: int, args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench()
     subs = []
-    for _ in range(args.subscribers):
+    for _ in range(args.subscribers - args.probes):
         subs.append(await connect(port, bench))
+    n = int(args.rate * args.seconds)
+    prober = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--probe",
+        str(port),
+        "--probes",
+        str(args.probes),
+        "--rate",
+        str(args.rate),
+        "--seconds",
+        str(args.seconds),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert prober.stdout is not None
+    assert (await asyncio.wait_for(prober.stdout.readline(), 60)).strip() == b"ready"
     bench.sub = 0
     publisher = await connect(port, bench)
     pub_pid = await publisher.pid
-    for c in subs:
-        c.local = c.pid.result() == pub_pid
-    local = sum(c.local for c in subs)
+    local = sum(c.pid.result() == pub_pid for c in subs)
     # Warm up (and make sure both workers are subscribed in Redis).
     expected = len(subs)
     publisher.send("pub 0")
@@ -268,43 +308,47 @@ async def room(port: int, args: argparse.Namespace) -> dict[str, Any]:
 
     # Throughput.
     bench.received = 0
-    cpu0, wall0 = time.process_time(), time.perf_counter()
+    usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     publisher.send(f"burst {args.burst}")
     total = args.burst * len(subs)
     done = await wait_until(lambda: bench.received >= total, 120)
     elapsed = time.perf_counter() - wall0
-    client_cpu = time.process_time() - cpu0
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    client_cpu = usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime
     throughput = bench.received / elapsed
     missing = total - bench.received
 
-    # Latency at a fixed rate.
+    # Latency at a fixed rate (measured by the probe process).
     await asyncio.sleep(0.5)
-    bench.received = 0
-    bench.record = True
-    n = int(args.rate * args.seconds)
     loop = asyncio.get_running_loop()
     start = loop.time()
     for i in range(n):
         await asyncio.sleep(max(0.0, start + i / args.rate - loop.time()))
-        publisher.send(f"pub {i}")
-    await wait_until(lambda: bench.received >= n * len(subs), 30)
-    bench.record = False
+        publisher.send(f"pub L{i}")
+    line = await asyncio.wait_for(prober.stdout.readline(), 90)
+    await prober.wait()
+    report = json.loads(line)
+    samples = {int(pid): v for pid, v in report["samples"].items()}
+    clients = {int(pid): c for pid, c in report["clients"].items()}
+    local_samples = samples.get(pub_pid, [])
+    remote_samples = [x for pid, v in samples.items() if pid != pub_pid for x in v]
     for c in [*subs, publisher]:
         assert c.transport is not None
         c.transport.close()
     return {
-        "local": local,
-        "remote": len(subs) - local,
+        "local": local + clients.get(pub_pid, 0),
+        "remote": len(subs) - local + sum(c for p, c in clients.items() if p != pub_pid),
         "throughput": throughput,
         "complete": done,
         "missing": missing,
         "elapsed": elapsed,
         "client_cpu": client_cpu,
-        "local_p50": pct(bench.local, 0.50),
-        "local_p99": pct(bench.local, 0.99),
-        "remote_p50": pct(bench.remote, 0.50),
-        "remote_p99": pct(bench.remote, 0.99),
-        "samples": (len(bench.local), len(bench.remote)),
+        "local_p50": pct(local_samples, 0.50),
+        "local_p99": pct(local_samples, 0.99),
+        "remote_p50": pct(remote_samples, 0.50),
+        "remote_p99": pct(remote_samples, 0.99),
+        "samples": (len(local_samples), len(remote_samples)),
+        "probes": clients,
     }
 
 
@@ -338,7 +382,15 @@ async def kill_one_worker(port: int, server: Serve) -> dict[str, int]:
     return {"served": served, "refused": refused, "lost": lost}
 
 
+def raise_fd_limit() -> None:
+    """Every subscriber is a descriptor here and in a worker (inherited limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def main(args: argparse.Namespace) -> None:
+    raise_fd_limit()
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         sys.exit("bench/scaleout.py needs redis-server (apt-get install redis-server)")
@@ -392,6 +444,9 @@ async def main(args: argparse.Namespace) -> None:
         print(f"remote p99 - local p99: {two['remote_p99'] - two['local_p99']:+.2f} ms")
     for name, r in results.items():
         print(
+            f"{name}: latency samples local/remote {r['samples']}, probes per worker {r['probes']}"
+        )
+        print(
             f"{name}: burst took {r['elapsed']:.2f} s, client CPU {r['client_cpu']:.2f} s "
             f"during it; server processes' CPU over the whole run {r['server_cpu']:.2f} s"
         )
@@ -407,13 +462,19 @@ def cli() -> None:
     p.add_argument("--burst", type=int, default=300, help="messages in the throughput burst")
     p.add_argument("--rate", type=float, default=20, help="messages/s in the latency run")
     p.add_argument("--seconds", type=float, default=5)
+    p.add_argument(
+        "--probes", type=int, default=20, help="subscribers (of the room) that measure latency"
+    )
+    p.add_argument("--probe", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args()
+    n = int(args.rate * args.seconds)
+    job = probe(args.probe, args.probes, n) if args.probe else main(args)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main(args))
+        asyncio.run(job)
     else:
-        uvloop.run(main(args))
+        uvloop.run(job)
 
 
 if __name__ == "__main__":
