@@ -26,7 +26,7 @@ from typing import Any
 import lightws
 import pytest
 import trustme
-from conftest import echo_handler, serve
+from support import echo_handler, serve
 from test_demos import Demo, start_demo
 from websockets.asyncio.client import ClientConnection, connect
 

@@ -12,8 +12,8 @@ from typing import Any
 import lightws
 import pytest
 import trustme
-from conftest import echo_handshake, eventually, serve, url
-from rawws import BINARY, RawWebSocket, build_frame
+from support import echo_handshake, eventually, serve, url
+from support.rawws import BINARY, RawWebSocket, build_frame
 from websockets.asyncio.client import connect
 
 

@@ -3,8 +3,8 @@
 The groups follow Autobahn's case groups 1-10 (framing, pings/pongs, reserved bits,
 opcodes, fragmentation, UTF-8, close handling, large messages, auto-fragmentation);
 each test names the RFC 6455 section it checks. The client is the permissive raw one in
-rawws.py, so it can send what a real client would refuse to; the server is the
-in-process echo server of conftest.py with ``max_msg_len`` raised to fit 16 MiB.
+support/rawws.py, so it can send what a real client would refuse to; the server is the
+in-process echo server of support/server.py with ``max_msg_len`` raised to fit 16 MiB.
 
 Where Autobahn accepts either of two behaviours (an echo of a valid message sent just
 before a fatal frame may or may not arrive; an empty close may be answered empty or with
@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import lightws
 import pytest
-from conftest import echo_handshake, serve
-from rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, Frame, RawWebSocket, build_frame
+from support import echo_handshake, serve
+from support.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, Frame, RawWebSocket, build_frame
 
 KiB = 1 << 10
 MiB = 1 << 20

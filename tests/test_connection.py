@@ -10,7 +10,7 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import (
+from support import (
     echo_handshake,
     eventually,
     handler_handshake,
@@ -18,7 +18,7 @@ from conftest import (
     serve,
     url,
 )
-from rawws import BINARY, CLOSE, PING, PONG, TEXT, RawWebSocket
+from support.rawws import BINARY, CLOSE, PING, PONG, TEXT, RawWebSocket
 from websockets.asyncio.client import connect
 
 Opcode = lightws.Opcode

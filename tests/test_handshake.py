@@ -10,8 +10,8 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import echo_handler, echo_handshake, eventually, serve, url
-from rawws import TEXT, RawWebSocket, build_frame, http_exchange, upgrade_request
+from support import echo_handler, echo_handshake, eventually, serve, url
+from support.rawws import TEXT, RawWebSocket, build_frame, http_exchange, upgrade_request
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import handler_handshake, serve, url
-from rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, RawWebSocket, build_frame
+from support import handler_handshake, serve, url
+from support.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, RawWebSocket, build_frame
 from websockets.asyncio.client import connect
 
 

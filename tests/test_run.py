@@ -16,8 +16,8 @@ from pathlib import Path
 
 import lightws
 import pytest
-from conftest import serve, url
-from rawws import read_response, upgrade_request
+from support import serve, url
+from support.rawws import read_response, upgrade_request
 from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent

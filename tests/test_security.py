@@ -19,8 +19,8 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import echo_handler, eventually, serve, url
-from rawws import HttpResponse, read_response, upgrade_request
+from support import echo_handler, eventually, serve, url
+from support.rawws import HttpResponse, read_response, upgrade_request
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin

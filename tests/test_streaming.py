@@ -8,8 +8,8 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import reporting_handshake, serve, url
-from rawws import RawWebSocket
+from support import reporting_handshake, serve, url
+from support.rawws import RawWebSocket
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError
 

@@ -24,8 +24,8 @@ import aiohttp
 import lightws
 import pytest
 import trustme
-from conftest import echo_handshake, eventually
 from cryptography.hazmat.primitives import serialization
+from support import echo_handshake, eventually
 from test_cli import start_echo
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidMessage
