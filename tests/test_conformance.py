@@ -408,7 +408,7 @@ async def test_5_pings_between_fragments_are_answered_first(
         else:
             for wire in frames:
                 await ws.write(wire)
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # the case: every frame arrives in its own read
         # The pongs come first: the message is not complete when the pings arrive.
         for expected in (b"pongme 1!", b"pongme 2!"):
             frame = await ws.recv_frame()
@@ -426,7 +426,7 @@ async def test_5_fragments_sent_with_delays_are_echoed_whole(
     async with await connect(server) as ws:
         for frame in fragments(opcode, payload, 25):
             await ws.write(frame)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the case (Autobahn 5.x "with delays"): fragments trickle
         await expect_echo(ws, opcode, payload)
         await close_normally(ws)
 
@@ -628,7 +628,7 @@ async def test_6_invalid_fragment_fails_fast_before_the_message_ends(
 ) -> None:
     async with await connect(server) as ws:
         await ws.send_frame(TEXT, valid, fin=False)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the case (Autobahn 6.4.x): the bad part comes later
         await ws.send_frame(CONT, invalid, fin=False)
         # The rest of the message ("edited") is never sent.
         await expect_fail(ws, 1007)
@@ -645,7 +645,7 @@ async def test_6_invalid_bytes_fail_fast_before_the_frame_ends(
     head = len(frame) - len(payload)
     async with await connect(server) as ws:
         await ws.write(frame[: head + len(valid)])
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the case (Autobahn 6.4.x): the bad part comes later
         await ws.write(frame[head + len(valid) : head + len(valid) + len(invalid)])
         await expect_fail(ws, 1007)
 

@@ -18,6 +18,7 @@ from support import (
     serve,
     url,
 )
+from support.awaitables import noting_waits
 from support.rawws import BINARY, CLOSE, PING, PONG, TEXT, RawWebSocket
 from websockets.asyncio.client import connect
 
@@ -277,10 +278,7 @@ async def test_connection_properties_while_open_and_after_close() -> None:
             async with connect(url(server, "/props")) as ws2:
                 assert await asyncio.wait_for(ws2.recv(), 5) == "snapshot taken"
             await ws1.close(1000, "done")
-        for _ in range(100):
-            if len(after_close) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: len(after_close) == 2, what="both handlers seeing their close")
     first, second = snapshots
     # Each connection reports its own close: ws2 closed by its context manager
     # (1000, no reason), then ws1 with (1000, "done").
@@ -437,8 +435,9 @@ async def test_cancelled_recv_loses_no_message() -> None:
         for _ in range(3):
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(conn.recv(), 0.05)
-        task = asyncio.ensure_future(conn.recv())
-        await asyncio.sleep(0.05)
+        waiting = asyncio.Event()
+        task = asyncio.ensure_future(noting_waits(conn.recv(), waiting.set))
+        await waiting.wait()  # cancelled while it waits for a message
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -470,7 +469,7 @@ async def test_recv_cancelled_while_messages_stream_in_loses_none() -> None:
     async with serve(handshake) as server, connect(url(server)) as ws:
         for i in range(count):
             await ws.send(str(i))
-            if i % 3 == 0:
+            if i % 3 == 0:  # pacing: messages arrive alone and in bursts, at random
                 await asyncio.sleep(random.random() / 500)
         assert await asyncio.wait_for(outcome, 30) == [str(i) for i in range(count)]
 
@@ -604,7 +603,9 @@ async def test_send_applies_back_pressure_when_the_client_does_not_read() -> Non
             # Really not reading: otherwise asyncio's stream transport keeps pulling
             # bytes into its own (16 MiB-limit) buffer, which can hold the whole 50 MiB.
             ws.writer.transport.pause_reading()  # type: ignore[attr-defined]
-            await asyncio.sleep(1.0)  # not reading: sends must start to wait
+            # The condition under test, not a synchronisation: the client reads nothing
+            # for a second, during which the handler's sends must stop completing.
+            await asyncio.sleep(1.0)
             stalled_at = sent
             assert stalled_at < total_target, "send() never waited on a stalled client"
             ws.writer.transport.resume_reading()  # type: ignore[attr-defined]
@@ -639,11 +640,14 @@ async def test_reading_stops_when_the_handler_does_not_keep_up() -> None:
                     sent += 1
 
             flooding = asyncio.ensure_future(flood())
+            # The condition under test, not a synchronisation: the handler reads nothing
+            # for 1.5 s, during which the server must stop reading the socket.
             await asyncio.sleep(1.5)
             stalled_at = sent
             assert stalled_at < 100, f"server buffered {stalled_at} MiB for a handler not reading"
             release.set()
-            await asyncio.sleep(0.2)
+            # Once the handler reads, so does the server: the flood moves again.
+            await eventually(lambda: sent > stalled_at + 2, 10, "the flood moving again")
             flooding.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await flooding

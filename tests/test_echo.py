@@ -81,7 +81,7 @@ async def test_async_iterable_of_fragments_is_reassembled(echo_server: lightws.S
     async def fragments():
         for part in ("one ", "two ", "three"):
             yield part
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the case: fragments produced over time
 
     async with connect(url(echo_server)) as ws:
         await ws.send(fragments())

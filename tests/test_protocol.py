@@ -329,7 +329,7 @@ async def test_frame_written_one_byte_at_a_time_is_parsed(echo_server: lightws.S
     async with await RawWebSocket.connect(echo_server.port) as ws:
         for i in range(len(frame)):
             await ws.write(frame[i : i + 1])
-            if i < 20:
+            if i < 20:  # the case: the header arrives a byte per read
                 await asyncio.sleep(0.005)
         assert await ws.recv_message() == (BINARY, bytes(range(256)) * 2)
 

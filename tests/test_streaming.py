@@ -9,6 +9,7 @@ from typing import Any
 import lightws
 import pytest
 from support import reporting_handshake, serve, url
+from support.awaitables import noting_waits
 from support.rawws import RawWebSocket
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError
@@ -154,8 +155,9 @@ async def test_send_during_a_writer_waits_for_the_final_frame() -> None:
     async def body(conn: lightws.Connection) -> Any:
         async with conn.writer(binary=False) as w:
             await w.write("part one, ")
-            other = asyncio.ensure_future(conn.send("interloper"))
-            await asyncio.sleep(0.05)
+            waiting = asyncio.Event()
+            other = asyncio.ensure_future(noting_waits(conn.send("interloper"), waiting.set))
+            await asyncio.wait_for(waiting.wait(), 5)  # it waits for the writer
             assert not other.done()
             await w.write("part two")
         await asyncio.wait_for(other, 5)
