@@ -18,7 +18,7 @@ from support import (
     serve,
     url,
 )
-from support.awaitables import noting_waits
+from support.awaitables import noting_waits, result_without_waiting
 from support.rawws import BINARY, CLOSE, PING, PONG, TEXT, RawWebSocket
 from websockets.asyncio.client import connect
 
@@ -475,14 +475,26 @@ async def test_recv_cancelled_while_messages_stream_in_loses_none() -> None:
 
 
 async def test_queued_message_is_returned_without_waiting() -> None:
+    queued = asyncio.Event()
+
     async def body(conn: lightws.Connection) -> Any:
-        await asyncio.sleep(0.3)  # let several messages queue up
-        return [(await conn.recv()).text for _ in range(5)]
+        await queued.wait()
+        # Each recv() is stepped by hand: with its message already queued it must
+        # complete at its first step (StopIteration), never yield a future to wait on.
+        # Over five operations at most one fairness yield (one in 32) may come first.
+        got = [result_without_waiting(conn.recv()) for _ in range(5)]
+        assert sum(bare_yields for _, bare_yields in got) <= 1
+        return [msg.text for msg, _ in got]
 
     handshake, outcome = reporting_handshake(body)
     async with serve(handshake) as server, connect(url(server)) as ws:
         for i in range(5):
             await ws.send(f"queued {i}")
+        await ws.send("marker")
+        # The server counts a message when it decodes it and queues it right after;
+        # once the sixth is counted, the five before it are in the queue.
+        await eventually(lambda: server.stats().frames_in.get(lightws.Opcode.TEXT, 0) >= 6)
+        queued.set()
         assert await asyncio.wait_for(outcome, 5) == [f"queued {i}" for i in range(5)]
 
 
