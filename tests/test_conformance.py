@@ -24,6 +24,13 @@ import pytest
 from support import echo_handshake, serve
 from support.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, Frame, RawWebSocket, build_frame
 
+# Protocol rules are decided in Rust (src/session.rs, unit-tested for every connection
+# state transition); which event loop runs the echo handler changes nothing on the wire.
+# This module is their end-to-end sample, on the default loop only; the loop-specific
+# paths (the hand-off to the loop, futures, cancellation) are tested on both loops in
+# test_connection.py, test_awaitables.py, test_echo.py and test_streaming.py.
+pytestmark = pytest.mark.asyncio_loop_only
+
 KiB = 1 << 10
 MiB = 1 << 20
 # The largest message here is 16 MiB; the limit sits just above it.
@@ -171,7 +178,6 @@ async def test_1_data_frame_of_each_length_encoding_is_echoed(
         await close_normally(ws)
 
 
-@pytest.mark.asyncio_loop_only
 @pytest.mark.parametrize("opcode", [TEXT, BINARY], ids=["text", "binary"])
 @bounded()
 async def test_1_sixteen_mib_frame_is_echoed_with_max_msg_len_raised(
@@ -822,7 +828,6 @@ def large_case_id(case: tuple[int, int | None]) -> str:
     return f"{size // MiB}MiB-" + ("single" if frag is None else f"frag{frag // KiB}KiB")
 
 
-@pytest.mark.asyncio_loop_only
 @pytest.mark.parametrize("case", LARGE_CASES, ids=[large_case_id(c) for c in LARGE_CASES])
 @pytest.mark.parametrize("opcode", [TEXT, BINARY], ids=["text", "binary"])
 @bounded(60)
@@ -840,7 +845,6 @@ async def test_9_large_message_is_echoed_byte_exact(
         await close_normally(ws)
 
 
-@pytest.mark.asyncio_loop_only
 @pytest.mark.parametrize("chunk", [4093, 65521], ids=["writes4093", "writes65521"])
 @pytest.mark.parametrize("opcode", [TEXT, BINARY], ids=["text", "binary"])
 @bounded(60)
@@ -856,7 +860,6 @@ async def test_9_large_message_in_chunked_socket_writes_is_echoed(
         await close_normally(ws)
 
 
-@pytest.mark.asyncio_loop_only
 @bounded(60)
 async def test_9_many_large_messages_back_to_back_are_echoed_in_order(
     server: lightws.Server,

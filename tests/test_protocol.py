@@ -15,6 +15,11 @@ from support import handler_handshake, serve, url
 from support.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, RawWebSocket, build_frame
 from websockets.asyncio.client import connect
 
+# Raw-socket protocol rules: decided in Rust (src/session.rs unit-tests every connection
+# state transition), so the event loop running the handler changes nothing on the wire;
+# this end-to-end sample runs on the default loop only (see test_conformance.py).
+pytestmark = pytest.mark.asyncio_loop_only
+
 
 async def expect_close(ws: RawWebSocket, code: int) -> None:
     """The server sends close ``code`` and, once we answer, ends the TCP connection."""
