@@ -13,6 +13,11 @@ asyncio loop and, as ``NAME+uvloop``, on uvloop. The load generator is
 ``python -m lightws bench`` in another process (the per-process file limit is
 20,000, and it keeps client and server CPU apart).
 
+The load generator and the floor are only in an extension built with the ``loadgen``
+cargo feature: ``maturin develop --release --features loadgen`` (or
+``MATURIN_PEP517_ARGS="--features loadgen" pip install -e '.[bench]'``); without it this
+script says so and exits 2.
+
 Measured per server:
 
 - msgs/s and MB/s of a closed-loop echo (100 conns x 64 B, 100 x 1 KiB,
@@ -46,6 +51,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lightws._bench import LOADGEN_MISSING, loadgen_available
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -423,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default="lightws", help="server the ratios refer to")
     p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     args = p.parse_args(argv)
+    if not loadgen_available():
+        print(LOADGEN_MISSING, file=sys.stderr)
+        return 2
 
     servers = [x.strip() for x in args.servers.split(",") if x.strip()]
     loads = [x.strip() for x in args.loads.split(",") if x.strip()]

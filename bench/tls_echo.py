@@ -10,10 +10,11 @@ measured window::
     python bench/tls_echo.py --servers lightws-tls --duration 10 --load asyncio
 
 ``--load lightws`` uses the Rust load generator ``python -m lightws bench`` (needs an
-extension built with it); ``--load asyncio`` a small Python client on uvloop (raw TLS
-streams, one masked frame per round trip) that saturates before a fast server does, so
-its numbers are a floor; ``auto`` (default) picks the Rust generator when available.
-Both verify the server certificate against the throwaway CA.
+extension built with the ``loadgen`` cargo feature:
+``maturin develop --release --features loadgen``); ``--load asyncio`` a small Python
+client on uvloop (raw TLS streams, one masked frame per round trip) that saturates
+before a fast server does, so its numbers are a floor; ``auto`` (default) picks the
+Rust generator when available. Both verify the server certificate against the throwaway CA.
 """
 
 from __future__ import annotations
@@ -93,10 +94,10 @@ async def asyncio_load(
 
 def rust_loadgen_available() -> bool:
     try:
-        from lightws import _lightws
+        from lightws._bench import loadgen_available
     except ImportError:
         return False
-    return hasattr(_lightws, "run_bench")
+    return loadgen_available()
 
 
 def run_load(
@@ -152,6 +153,16 @@ def main() -> None:
     load = args.load
     if load == "auto":
         load = "lightws" if rust_loadgen_available() else "asyncio"
+        if load == "asyncio":
+            print(
+                "the Rust load generator is not built in (cargo feature 'loadgen': "
+                "maturin develop --release --features loadgen); using the asyncio client",
+                file=sys.stderr,
+            )
+    elif load == "lightws" and not rust_loadgen_available():
+        from lightws._bench import LOADGEN_MISSING
+
+        sys.exit(LOADGEN_MISSING)
     with tempfile.TemporaryDirectory() as tmp:
         cert, key, ca_file = make_certificates(tmp)
         print(f"load: {load}, {args.connections} connections x {args.size} B, {args.duration} s")

@@ -12,174 +12,20 @@
 //! Buffers start empty, grow to need and are released whenever the connection goes
 //! idle.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::frame::OpCode;
-use crate::hub::{self, Hub, LogEvent};
-use crate::lockcheck::ConnMutex;
-pub use crate::session::{
-    describe_frame, truncate_utf8, CloseInfo, Part, ABNORMAL_CLOSURE, LOG_DEBUG, LOG_ERROR,
-    LOG_INFO, LOG_WARN, NO_STATUS_RCVD,
-};
-use crate::session::{Io, Sealed, Session, SessionConfig};
-use crate::stats::Stats;
-
-/// Settings a connection needs after the upgrade (a slice of the server Config).
-#[derive(Debug, Clone)]
-pub struct ConnConfig {
-    /// The protocol settings (shared by every connection's session).
-    pub session: Arc<SessionConfig>,
-    pub ws_read_buffer: usize,
-    pub ws_write_buffer: usize,
-    pub write_limit: usize,
-    /// Reading pauses while this many bytes of complete messages wait for `recv()`.
-    pub inbox_limit: usize,
-    pub log_level: u8,
-    /// Maintain the connections_reading / connections_writing gauges.
-    pub io_statistics: bool,
-}
-
-/// A complete message (or, for a streamed message, one chunk of it) waiting for Python.
-pub struct InMsg {
-    pub opcode: OpCode,
-    pub data: Vec<u8>,
-    /// Whole message, or a chunk of a message streamed to `conn.reader()`.
-    pub part: Part,
-}
-
-#[derive(Default)]
-pub struct Inbox {
-    pub queue: VecDeque<InMsg>,
-    pub bytes: usize,
-    /// A Python `recv()` is pending: the next message must push `Event::Readable`.
-    pub waiting: bool,
-    /// No more messages will arrive.
-    pub closed: Option<CloseInfo>,
-    /// The task stopped reading because `bytes` reached `inbox_limit`.
-    pub paused: bool,
-    /// A data message has started arriving but is not complete yet.
-    pub assembling: bool,
-}
-
-#[derive(Default)]
-pub struct Outbox {
-    /// Whole encoded frames, in send order. Taken by the task in one swap.
-    pub buf: Vec<u8>,
-    /// A `send()` is waiting for `buf` to be taken (its length was over `write_limit`).
-    pub drain_waiting: bool,
-    /// A close frame is queued (by Python or the task): no more data frames.
-    pub closing: bool,
-    /// The task has ended: nothing will be written any more.
-    pub closed: bool,
-    /// `abort()`: drop the socket now.
-    pub abort: bool,
-}
-
-/// State shared between a connection's tokio task and its Python object.
-pub struct ConnShared {
-    pub id: u64,
-    /// `conn.reader()` asked for the next message to be streamed (set under the inbox
-    /// lock, read by the task before each new message's first frame header).
-    pub stream_next: AtomicBool,
-    pub remote: SocketAddr,
-    pub inbox: ConnMutex<Inbox>,
-    pub outbox: ConnMutex<Outbox>,
-    pub waker: AtomicWaker,
-    pub hub: Arc<Hub>,
-    pub stats: Arc<Stats>,
-    pub cfg: Arc<ConnConfig>,
-}
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-impl ConnShared {
-    pub fn new(
-        remote: SocketAddr,
-        hub: Arc<Hub>,
-        stats: Arc<Stats>,
-        cfg: Arc<ConnConfig>,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            stream_next: AtomicBool::new(false),
-            remote,
-            inbox: ConnMutex::new(Inbox::default()),
-            outbox: ConnMutex::new(Outbox::default()),
-            waker: AtomicWaker::new(),
-            hub,
-            stats,
-            cfg,
-        })
-    }
-
-    /// Send a log line to the loop thread if `level` is enabled. Formatting happens only
-    /// then, so a disabled level costs one comparison.
-    pub fn log(&self, level: u8, msg: impl FnOnce() -> String) {
-        if level <= self.cfg.log_level {
-            self.hub.push(hub::Event::Log(Box::new(LogEvent {
-                level,
-                conn: Some((self.id, self.remote)),
-                msg: msg(),
-            })));
-        }
-    }
-
-    /// Called by the loop thread after it took messages out of the inbox.
-    pub fn resume_if_paused(&self, inbox: &mut Inbox) {
-        if inbox.paused && inbox.bytes < self.cfg.inbox_limit / 2 {
-            inbox.paused = false;
-            self.waker.wake();
-        }
-    }
-}
-
-/// Reports the end of the connection to Python however the task ends: normally, by a
-/// panic, or by being dropped when the runtime shuts down.
-pub struct ClosedGuard {
-    pub shared: Arc<ConnShared>,
-    pub info: Option<CloseInfo>,
-}
-
-impl ClosedGuard {
-    /// Report the connection closed with `info` (on drop, right here).
-    pub fn finish(mut self, info: CloseInfo) {
-        self.info = Some(info);
-    }
-}
-
-impl Drop for ClosedGuard {
-    fn drop(&mut self) {
-        let info = self.info.take().unwrap_or(CloseInfo {
-            code: ABNORMAL_CLOSURE,
-            reason: String::new(),
-        });
-        {
-            let mut inbox = self.shared.inbox.lock();
-            if inbox.closed.is_none() {
-                inbox.closed = Some(info);
-            }
-            inbox.waiting = false;
-        }
-        {
-            let mut outbox = self.shared.outbox.lock();
-            outbox.closed = true;
-            outbox.buf = Vec::new();
-        }
-        self.shared.hub.push(hub::Event::Closed(self.shared.id));
-    }
-}
+use crate::session::{CloseInfo, Io, LogLevel, Part, Sealed, Session, ABNORMAL_CLOSURE};
+use crate::shared::{ConnShared, Event, InMsg};
 
 /// A byte stream lightws can serve WebSocket on: plain TCP or TLS.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -228,7 +74,7 @@ impl Io for SharedIo<'_> {
         }
         if inbox.waiting {
             inbox.waiting = false;
-            shared.hub.push(hub::Event::Readable(shared.id));
+            shared.hub.push(Event::Readable(shared.id));
         }
     }
 
@@ -239,7 +85,7 @@ impl Io for SharedIo<'_> {
             inbox.closed = Some(info);
             if inbox.waiting {
                 inbox.waiting = false;
-                shared.hub.push(hub::Event::Readable(shared.id));
+                shared.hub.push(Event::Readable(shared.id));
             }
         }
     }
@@ -253,7 +99,7 @@ impl Io for SharedIo<'_> {
         ob.closing = true;
         if ob.drain_waiting {
             ob.drain_waiting = false;
-            shared.hub.push(hub::Event::Drained(shared.id));
+            shared.hub.push(Event::Drained(shared.id));
         }
         Sealed::Frames(std::mem::take(&mut ob.buf))
     }
@@ -266,11 +112,11 @@ impl Io for SharedIo<'_> {
         self.0.stats.frame_out(op);
     }
 
-    fn log_enabled(&self, level: u8) -> bool {
+    fn log_enabled(&self, level: LogLevel) -> bool {
         level <= self.0.cfg.log_level
     }
 
-    fn log(&mut self, level: u8, msg: String) {
+    fn log(&mut self, level: LogLevel, msg: String) {
         self.0.log(level, || msg);
     }
 }
@@ -512,7 +358,7 @@ impl<S: Transport> Driver<S> {
         }
         if ob.drain_waiting {
             ob.drain_waiting = false;
-            self.shared.hub.push(hub::Event::Drained(self.shared.id));
+            self.shared.hub.push(Event::Drained(self.shared.id));
         }
         Ok(took)
     }

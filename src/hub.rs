@@ -1,78 +1,30 @@
 //! The hand-off point from tokio to the asyncio loop (DESIGN.md §2, "The bridge").
 //!
-//! Producers (tokio tasks) push [`Event`]s into one queue per server and write the
+//! Producers (tokio tasks) push events into one queue per server and write the
 //! wake-up fd only when `notified` flips from false to true, so a burst of events costs
 //! one wake-up of the event loop, not one per message. The consumer is
 //! `bridge::Core::drain`, which the asyncio loop calls from `loop.add_reader(fd, ...)`.
 //!
-//! Nothing in this module touches Python: tokio threads never take the GIL.
+//! Nothing in this module touches Python: tokio threads never take the GIL. The queue
+//! is generic over its events (`shared::Event` for a server), so this module depends
+//! on nothing else in the crate.
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
 
-use crate::conn::ConnShared;
-use crate::handshake;
-
-/// What the loop thread answers to a handshake (or to a plain HTTP request).
-#[derive(Debug)]
-pub enum Reply {
-    /// 101: upgrade and start framing.
-    Accept {
-        headers: Vec<(String, String)>,
-        subprotocol: Option<String>,
-    },
-    /// Any other status: write the response and close.
-    Respond {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: Vec<u8>,
-    },
-}
-
-/// A request that waits for the Python handshake callable.
-pub struct HandshakeEvent {
-    pub conn: Arc<ConnShared>,
-    pub request: handshake::Request,
-    /// false for a plain HTTP request shown to the callback (`http_fallback`).
-    pub upgrade: bool,
-    pub subprotocols: Vec<String>,
-    pub reply: oneshot::Sender<Reply>,
-}
-
-/// A log line produced on a tokio thread, formatted there, emitted by the loop thread.
-pub struct LogEvent {
-    pub level: u8,
-    pub conn: Option<(u64, SocketAddr)>,
-    pub msg: String,
-}
-
-pub enum Event {
-    Handshake(Box<HandshakeEvent>),
-    /// Messages (or the close) arrived for a connection whose `recv()` is pending.
-    Readable(u64),
-    /// The outbound queue of a connection fell below `write_limit`.
-    Drained(u64),
-    /// The connection's task ended; the socket is closed.
-    Closed(u64),
-    Log(Box<LogEvent>),
-}
-
-pub struct Hub {
-    queue: Mutex<VecDeque<Event>>,
+pub struct Hub<E> {
+    queue: Mutex<VecDeque<E>>,
     notified: AtomicBool,
     read_fd: OwnedFd,
     /// Same descriptor as `read_fd` for an eventfd; the write end of a pipe elsewhere.
     write_fd: Option<OwnedFd>,
 }
 
-impl Hub {
+impl<E> Hub<E> {
     pub fn new() -> io::Result<Self> {
         let (read_fd, write_fd) = wake_fd()?;
         Ok(Self {
@@ -89,7 +41,7 @@ impl Hub {
     }
 
     /// Queue an event; wakes the loop only if it is not already due to drain.
-    pub fn push(&self, ev: Event) {
+    pub fn push(&self, ev: E) {
         self.queue.lock().push_back(ev);
         if !self.notified.swap(true, Ordering::AcqRel) {
             self.signal();
@@ -110,7 +62,7 @@ impl Hub {
     }
 
     /// Move up to `max` events into `out`; returns true if more remain.
-    pub fn take(&self, max: usize, out: &mut Vec<Event>) -> bool {
+    pub fn take(&self, max: usize, out: &mut Vec<E>) -> bool {
         let mut q = self.queue.lock();
         let n = q.len().min(max);
         out.extend(q.drain(..n));
@@ -186,10 +138,10 @@ mod tests {
 
     #[test]
     fn a_burst_of_events_signals_once_and_drains_in_order() {
-        let hub = Hub::new().unwrap();
+        let hub = Hub::<u64>::new().unwrap();
         assert!(!readable(hub.fd()));
         for i in 0..5 {
-            hub.push(Event::Readable(i));
+            hub.push(i);
         }
         assert!(readable(hub.fd()));
         hub.begin_drain();
@@ -197,22 +149,15 @@ mod tests {
         let mut out = Vec::new();
         assert!(hub.take(3, &mut out));
         assert!(!hub.take(10, &mut out));
-        let ids: Vec<u64> = out
-            .iter()
-            .map(|e| match e {
-                Event::Readable(i) => *i,
-                _ => unreachable!(),
-            })
-            .collect();
-        assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+        assert_eq!(out, vec![0, 1, 2, 3, 4]);
     }
 
     #[test]
     fn a_push_after_begin_drain_signals_again() {
-        let hub = Hub::new().unwrap();
-        hub.push(Event::Closed(1));
+        let hub = Hub::<u64>::new().unwrap();
+        hub.push(1);
         hub.begin_drain();
-        hub.push(Event::Closed(2));
+        hub.push(2);
         assert!(readable(hub.fd()));
     }
 }

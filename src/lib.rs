@@ -1,21 +1,28 @@
 //! lightws: a WebSocket server for Python asyncio whose I/O path runs in Rust.
 //!
-//! Module map (DESIGN.md §2): `frame` and `handshake` are pure codecs, `security` the
-//! pure admission rules (origins, proxies, per-address counts); `conn` drives one
-//! connection on tokio; `server` owns the listener and TLS; `hub` carries events from
-//! tokio to the asyncio loop; `bridge` is the Python-facing side. This file only
-//! registers the Python classes.
+//! Module map (docs/architecture.md): `frame` and `handshake` are pure codecs, `security`
+//! the pure admission rules (origins, proxies, per-address counts), all three in the
+//! `lightws-proto` crate (crates/lightws-proto); `session` holds one connection's
+//! protocol rules (sans I/O) and `conn` drives it on tokio; `shared` is what a
+//! connection's task and its Python object share; `server` owns the listener and TLS;
+//! `hub` carries events from tokio to the asyncio loop; `bridge` is the Python-facing
+//! side; `bench` (only with the `loadgen` feature) exposes the load generator of
+//! crates/lightws-loadgen. This file only registers the Python classes.
 
+// The pure modules moved to crates/lightws-proto (so fuzz/ and the codec benchmarks
+// build without tokio and pyo3). Re-exported under their old names so that
+// `crate::frame::...`, `crate::handshake::...` and `crate::security::...` keep
+// working in this crate, including code written before the move.
+pub use lightws_proto::{frame, handshake, security, session};
+
+#[cfg(feature = "loadgen")]
+pub mod bench;
 pub mod bridge;
 pub mod conn;
-pub mod frame;
-pub mod handshake;
 pub mod hub;
-pub mod loadgen;
 pub mod lockcheck;
-pub mod security;
 pub mod server;
-pub mod session;
+pub mod shared;
 pub mod stats;
 pub mod tls;
 
@@ -27,7 +34,10 @@ fn _lightws(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bridge::Connection>()?;
     m.add_class::<bridge::Message>()?;
     m.add_class::<bridge::Op>()?;
-    m.add_function(wrap_pyfunction!(loadgen::run_bench, m)?)?;
+    // The load generator is test tooling: registered only in builds with the
+    // `loadgen` feature (`python -m lightws bench` explains how to get it).
+    #[cfg(feature = "loadgen")]
+    m.add_function(wrap_pyfunction!(bench::run_bench, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

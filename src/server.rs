@@ -16,13 +16,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::time::{timeout_at, Instant};
 
-use crate::conn::{
-    CloseInfo, ClosedGuard, ConnConfig, ConnShared, Driver, Transport, ABNORMAL_CLOSURE, LOG_DEBUG,
-    LOG_ERROR, LOG_INFO,
-};
+use crate::conn::{Driver, Transport};
 use crate::handshake::{self, HandshakeError, Upgrade};
-use crate::hub::{Event, HandshakeEvent, Hub, LogEvent, Reply};
 use crate::security::{self, IpLimiter, IpNet, IpSlot, OriginPolicy};
+use crate::session::{CloseInfo, LogLevel, ABNORMAL_CLOSURE};
+use crate::shared::{
+    ClosedGuard, ConnConfig, ConnShared, Event, EventHub, HandshakeEvent, LogEvent, Reply,
+};
 use crate::stats::Stats;
 use crate::tls::CertStore;
 
@@ -57,7 +57,7 @@ pub struct ServerConfig {
 /// State shared by the accept loop and every connection task.
 pub struct ServerShared {
     pub cfg: ServerConfig,
-    pub hub: Arc<Hub>,
+    pub hub: Arc<EventHub>,
     pub stats: Arc<Stats>,
     pub tls: Option<(Arc<CertStore>, tokio_rustls::TlsAcceptor)>,
     /// Open connections per client address; None without `max_connections_per_ip`.
@@ -84,7 +84,7 @@ impl ServerShared {
         }
     }
 
-    pub fn log(&self, level: u8, peer: Option<SocketAddr>, msg: impl FnOnce() -> String) {
+    pub fn log(&self, level: LogLevel, peer: Option<SocketAddr>, msg: impl FnOnce() -> String) {
         if level <= self.cfg.conn.log_level {
             self.hub.push(Event::Log(Box::new(LogEvent {
                 level,
@@ -166,12 +166,12 @@ pub async fn accept_loop(
                         let fut = AssertUnwindSafe(handle(stream, peer, srv2.clone(), per_ip));
                         if let Err(p) = fut.catch_unwind().await {
                             let what = panic_message(&p);
-                            srv2.log(LOG_ERROR, Some(peer), || format!("internal error (bug): {what}"));
+                            srv2.log(LogLevel::Error, Some(peer), || format!("internal error (bug): {what}"));
                         }
                     });
                 }
                 Err(e) => {
-                    srv.log(LOG_ERROR, None, || format!("accept failed: {e}"));
+                    srv.log(LogLevel::Error, None, || format!("accept failed: {e}"));
                     // Out of descriptors or similar: back off instead of spinning.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -262,12 +262,12 @@ async fn serve_tls(
         // a pointer instead of a copy in each state of its future.
         Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(e)) => {
-            return srv.log(LOG_INFO, Some(peer), || {
+            return srv.log(LogLevel::Info, Some(peer), || {
                 format!("TLS handshake failed: {e}")
             })
         }
         Err(_) => {
-            return srv.log(LOG_INFO, Some(peer), || {
+            return srv.log(LogLevel::Info, Some(peer), || {
                 "TLS handshake not finished within handshake_read_timeout".into()
             })
         }
@@ -301,14 +301,14 @@ impl<S: Transport> Upgraded<S> {
             leftover,
             slot,
         } = self;
-        shared.log(LOG_DEBUG, || "connection open".into());
+        shared.log(LogLevel::Debug, || "connection open".into());
         let mut driver = Driver::new(io, shared, leftover);
         async move {
             let _slot = slot;
             // Polled through a reference: awaiting by value would store the driver
             // twice in this future (once captured, once as the awaitee).
             let outcome = (&mut driver).await;
-            guard.shared.log(LOG_DEBUG, || {
+            guard.shared.log(LogLevel::Debug, || {
                 format!("connection closed: {} {:?}", outcome.code, outcome.reason)
             });
             guard.finish(outcome);
@@ -392,7 +392,7 @@ async fn upgrade<S: Transport>(
     let (req, head_len) = match head {
         Err(_) => {
             srv.stats.handshake_failed();
-            srv.log(LOG_INFO, Some(peer), || {
+            srv.log(LogLevel::Info, Some(peer), || {
                 "request head not received within handshake_read_timeout".into()
             });
             return None;
@@ -400,7 +400,7 @@ async fn upgrade<S: Transport>(
         Ok(Ok(None)) => return None, // closed before sending a request
         Ok(Err(e)) => {
             srv.stats.handshake_failed();
-            srv.log(LOG_INFO, Some(peer), || format!("bad request: {e}"));
+            srv.log(LogLevel::Info, Some(peer), || format!("bad request: {e}"));
             let r = e.rejection();
             respond(&mut io, srv, r.status, &r.headers, &r.body).await;
             return None;
@@ -413,7 +413,7 @@ async fn upgrade<S: Transport>(
 
     if over_limit {
         srv.stats.handshake_failed();
-        srv.log(LOG_INFO, Some(peer), || {
+        srv.log(LogLevel::Info, Some(peer), || {
             "max_connections reached: 503".into()
         });
         let headers = vec![("Retry-After".to_owned(), "1".to_owned())];
@@ -446,7 +446,7 @@ async fn upgrade<S: Transport>(
     };
     let Ok(slot) = slot else {
         srv.stats.handshake_failed();
-        srv.log(LOG_INFO, Some(client), || {
+        srv.log(LogLevel::Info, Some(client), || {
             format!(
                 "max_connections_per_ip ({}) reached for {}{}: 429",
                 srv.cfg.max_connections_per_ip,
@@ -463,7 +463,7 @@ async fn upgrade<S: Transport>(
         Upgrade::WebSocket { key, subprotocols } => (key, subprotocols, true),
         Upgrade::Reject(r) => {
             srv.stats.handshake_failed();
-            srv.log(LOG_INFO, Some(peer), || {
+            srv.log(LogLevel::Info, Some(peer), || {
                 format!(
                     "rejected upgrade ({}): {}",
                     r.status,
@@ -488,7 +488,7 @@ async fn upgrade<S: Transport>(
     if let (true, Some(policy)) = (upgrade, &srv.cfg.origins) {
         if let Err(why) = policy.check(&req) {
             srv.stats.handshake_failed();
-            srv.log(LOG_INFO, Some(client), || {
+            srv.log(LogLevel::Info, Some(client), || {
                 format!("refused upgrade (403): {why}{}", via(peer, client))
             });
             respond(&mut io, srv, 403, &[], b"origin not allowed").await;
@@ -543,7 +543,7 @@ async fn upgrade<S: Transport>(
             let wdeadline = Instant::now() + srv.cfg.handshake_write_timeout;
             if !write_all_by(&mut io, &out, wdeadline).await {
                 srv.stats.handshake_failed();
-                srv.log(LOG_INFO, Some(peer), || {
+                srv.log(LogLevel::Info, Some(peer), || {
                     "could not send the 101 response within handshake_write_timeout".into()
                 });
                 return None;
@@ -610,7 +610,7 @@ mod size_tests {
                 ws_write_buffer: 4096,
                 write_limit: 1 << 16,
                 inbox_limit: 1 << 16,
-                log_level: 0,
+                log_level: LogLevel::Error,
                 io_statistics: false,
             }),
             sock_read_buffer: None,
@@ -647,7 +647,7 @@ mod size_tests {
             let stream = TcpStream::connect(addr).await.unwrap();
             let srv = Arc::new(ServerShared {
                 cfg: probe_config(),
-                hub: Arc::new(Hub::new().unwrap()),
+                hub: Arc::new(EventHub::new().unwrap()),
                 stats: Arc::new(Stats::new()),
                 tls: None,
                 per_ip: None,

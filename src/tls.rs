@@ -33,6 +33,9 @@
 //! - Never pass `Some(0)`: rustls then accepts no bytes and has nothing to flush, so
 //!   tokio-rustls' `poll_write` spins forever (tried: a 1-byte write did not return
 //!   within 3 s). Use at least `ws_write_buffer`, ideally one full record (16 KiB).
+//!
+//! (Over 800 lines because a third of it is its unit tests, which generate their own
+//! certificates.)
 
 use std::fmt;
 use std::io;

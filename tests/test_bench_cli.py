@@ -2,12 +2,18 @@
 
 Only the shape of the reports is checked (positive counts, every connection open), never
 timings: CI machines are too noisy for that.
+
+The generator is only in extensions built with the ``loadgen`` cargo feature. Without it
+the tests that need it skip, unless ``LIGHTWS_REQUIRE_LOADGEN=1`` (set by .ci/run, which
+builds with the feature) makes them fail instead; the message the subcommand prints
+without it is tested either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +21,23 @@ from typing import Any
 
 import pytest
 import trustme
+from lightws import __main__ as cli
+from lightws import _bench
 from lightws._bench import parse_size
 from support import LIGHTWS, free_port, run_lightws, start
 
 TIMEOUT = 60
+
+if not _bench.loadgen_available() and os.environ.get("LIGHTWS_REQUIRE_LOADGEN") == "1":
+    raise RuntimeError(
+        "LIGHTWS_REQUIRE_LOADGEN=1 but lightws._lightws has no run_bench: "
+        "build with --features loadgen"
+    )
+
+needs_loadgen = pytest.mark.skipif(
+    not _bench.loadgen_available(),
+    reason="extension built without the load generator (cargo feature 'loadgen')",
+)
 
 
 def serve(*args: str) -> Iterator[int]:
@@ -71,6 +90,7 @@ def report(url: str, *args: str) -> dict[str, Any]:
     return r
 
 
+@needs_loadgen
 def test_echo_mode_reports_positive_throughput(echo_port: int) -> None:
     r = report(f"ws://127.0.0.1:{echo_port}/", "-c", "4", "-s", "64", "-d", "1", "--warmup", "0")
     assert r["mode"] == "echo"
@@ -81,6 +101,7 @@ def test_echo_mode_reports_positive_throughput(echo_port: int) -> None:
     assert abs(r["bytes"] - 64 * r["messages"]) <= 64 * 4
 
 
+@needs_loadgen
 def test_progress_goes_to_stderr_and_the_report_to_stdout(echo_port: int) -> None:
     out = run_lightws(
         *("bench", f"ws://127.0.0.1:{echo_port}/"),
@@ -92,11 +113,13 @@ def test_progress_goes_to_stderr_and_the_report_to_stdout(echo_port: int) -> Non
     assert "echo:" in out.stderr  # at least one progress line
 
 
+@needs_loadgen
 def test_large_messages_are_echoed_whole(echo_port: int) -> None:
     r = report(f"ws://127.0.0.1:{echo_port}/", "-c", "2", "-s", "1MiB", "-d", "1", "--warmup", "0")
     assert r["messages"] > 0 and r["mb_per_s"] > 0
 
 
+@needs_loadgen
 def test_rate_mode_reports_latency_percentiles(echo_port: int) -> None:
     r = report(
         f"ws://127.0.0.1:{echo_port}/",
@@ -107,6 +130,7 @@ def test_rate_mode_reports_latency_percentiles(echo_port: int) -> None:
     assert 0 < lat["p50_us"] <= lat["p90_us"] <= lat["p99_us"] <= lat["p99_9_us"] <= lat["max_us"]
 
 
+@needs_loadgen
 def test_idle_mode_holds_connections_from_several_source_addresses(echo_port: int) -> None:
     r = report(
         f"ws://127.0.0.1:{echo_port}/", "--mode", "idle", "-c", "60", "--sources", "3", "-d", "0.5"
@@ -114,6 +138,7 @@ def test_idle_mode_holds_connections_from_several_source_addresses(echo_port: in
     assert r["opened"] == 60 and r["open_at_end"] == 60
 
 
+@needs_loadgen
 def test_wss_with_a_ca_file_and_with_verification_off(
     tls_port: int, tls_files: tuple[Path, Path, Path]
 ) -> None:
@@ -124,6 +149,7 @@ def test_wss_with_a_ca_file_and_with_verification_off(
     assert r["messages"] > 0
 
 
+@needs_loadgen
 def test_wss_rejects_an_untrusted_certificate(tls_port: int, tmp_path: Path) -> None:
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
@@ -132,6 +158,7 @@ def test_wss_rejects_an_untrusted_certificate(tls_port: int, tmp_path: Path) -> 
     assert "certificate" in out.stderr.lower()
 
 
+@needs_loadgen
 def test_floor_server_echoes(floor_port: int) -> None:
     url = f"ws://127.0.0.1:{floor_port}/"
     r = report(url, "-c", "3", "-s", "64KiB", "-d", "0.5", "--warmup", "0", "--text")
@@ -140,16 +167,44 @@ def test_floor_server_echoes(floor_port: int) -> None:
     assert r["open_at_end"] == 20
 
 
+@needs_loadgen
 def test_unreachable_server_is_an_error() -> None:
     out = bench(f"ws://127.0.0.1:{free_port()}/", "-c", "2", "-d", "0.2")
     assert out.returncode == 1
     assert "no connection could be opened" in out.stderr
 
 
+@needs_loadgen
 def test_bad_url_is_an_error() -> None:
     out = bench("http://127.0.0.1:1/", "-d", "0.2")
     assert out.returncode == 1
     assert "ws://" in out.stderr
+
+
+class _NoLoadgen:
+    """Stands in for an extension built without the feature: no ``run_bench``."""
+
+
+def test_without_the_generator_bench_says_how_to_build_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(_bench, "_lightws", _NoLoadgen())
+    assert not _bench.loadgen_available()
+    assert cli.main(["bench", "ws://127.0.0.1:1/", "-d", "0.2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == _bench.LOADGEN_MISSING + "\n"  # one line
+    assert "\n" not in _bench.LOADGEN_MISSING
+    assert "--features loadgen" in err and "maturin develop" in err
+    assert 'MATURIN_PEP517_ARGS="--features loadgen"' in err
+
+
+@pytest.mark.skipif(_bench.loadgen_available(), reason="this extension has the load generator")
+def test_an_extension_without_the_generator_exits_2() -> None:
+    out = bench("ws://127.0.0.1:1/", "-d", "0.2")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr == _bench.LOADGEN_MISSING + "\n"
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@
 use libfuzzer_sys::fuzz_target;
 
 mod rng;
-use lightws::frame::{is_valid_close_code, Decoder, Event, OpCode, ProtocolError, Role};
+use lightws_proto::frame::{is_valid_close_code, Decoder, Event, OpCode, ProtocolError, Role};
 use rng::Rng;
 
 /// An owned, normalised event: data chunks of one run are merged.

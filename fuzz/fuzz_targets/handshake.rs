@@ -21,7 +21,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lightws::handshake::{
+use lightws_proto::handshake::{
     accept_key, parse_request, reason_phrase, validate, write_accept, write_response,
     HandshakeError, Upgrade,
 };

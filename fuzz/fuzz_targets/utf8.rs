@@ -19,7 +19,7 @@
 use libfuzzer_sys::fuzz_target;
 
 mod rng;
-use lightws::frame::{encode_frame, Decoder, Event, OpCode, ProtocolError, Role};
+use lightws_proto::frame::{encode_frame, Decoder, Event, OpCode, ProtocolError, Role};
 use rng::Rng;
 
 /// Is `b` valid UTF-8 except possibly for an incomplete code point at its end?

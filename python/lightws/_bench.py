@@ -3,6 +3,10 @@
 The load itself runs in Rust (``_lightws.run_bench``) on its own tokio runtime with the
 GIL released; this module parses the arguments and prints the report.
 
+The generator is test tooling, so it is only in extensions built with the ``loadgen``
+cargo feature (off by default: the production extension ships no accept-any-certificate
+verifier). Without it the subcommand prints :data:`LOADGEN_MISSING` and exits 2.
+
 Modes::
 
     echo  closed loop: N connections, each keeps --pipeline messages in flight
@@ -21,7 +25,23 @@ from typing import Any
 
 from . import _lightws
 
-__all__ = ["add_arguments", "format_report", "parse_size", "run"]
+__all__ = [
+    "LOADGEN_MISSING",
+    "add_arguments",
+    "format_report",
+    "loadgen_available",
+    "parse_size",
+    "run",
+]
+
+#: What ``python -m lightws bench`` prints (one line, stderr) when the extension was
+#: built without the load generator; bench/*.py print it too.
+LOADGEN_MISSING = (
+    "lightws bench: this lightws was built without the load generator (cargo feature "
+    "'loadgen', off by default); rebuild it from a source checkout with "
+    "`maturin develop --release --features loadgen` or "
+    '`MATURIN_PEP517_ARGS="--features loadgen" pip install .`'
+)
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1 << 20, "mib": 1 << 20}
 _UNITS["mb"] = 1000 * 1000
@@ -104,6 +124,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
 
 
+def loadgen_available() -> bool:
+    """True if the extension was built with the load generator (``--features loadgen``)."""
+    return hasattr(_lightws, "run_bench")
+
+
 def _us(v: float) -> str:
     return f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs"
 
@@ -142,7 +167,10 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the ``bench`` subcommand; returns the exit status."""
+    """Run the ``bench`` subcommand; returns the exit status (2: no load generator)."""
+    if not loadgen_available():
+        print(LOADGEN_MISSING, file=sys.stderr)
+        return 2
     try:
         if args.floor_server:
             _lightws.run_bench("floor-server", args.url, progress=True)

@@ -123,4 +123,8 @@ def run_bench(
     threads: int = 1,
 ) -> dict[str, Any] | None:
     """Run the load generator (``mode`` echo/rate/idle) and return its report, or serve
-    the floor echo server (``mode="floor-server"``, ``url`` = host:port) until interrupted."""
+    the floor echo server (``mode="floor-server"``, ``url`` = host:port) until interrupted.
+
+    Exists only in extensions built with the ``loadgen`` cargo feature (off by default;
+    ``maturin develop --release --features loadgen``); check with
+    ``hasattr(_lightws, "run_bench")`` or ``lightws._bench.loadgen_available()``."""

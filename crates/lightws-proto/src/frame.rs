@@ -266,8 +266,10 @@ struct DataFrame {
 /// its own: the caller owns the bytes. Decoding never allocates.
 ///
 /// Throughput of decode + unmask on 64 KiB masked frames, buffer already in
-/// cache: ~29 GB/s binary, ~20 GB/s text (with UTF-8 validation) on AMD EPYC,
-/// Rust 1.95, release, default target features.
+/// cache, as measured in BENCHMARKS.md ("Codec micro-benchmarks"): 16.8 GiB/s
+/// (18.1 GB/s) binary, 6.3 GiB/s text (with UTF-8 validation) on a 2-vCPU AMD
+/// EPYC, Rust 1.95, release, default target features. Rerun with
+/// `cargo bench -p lightws-proto --bench codec`.
 #[derive(Debug)]
 pub struct Decoder {
     role: Role,

@@ -1,9 +1,11 @@
 //! Load generator behind `python -m lightws bench` (and the floor server that
 //! `bench/compare.py` measures the Python servers against).
 //!
-//! Pure Rust on its own tokio runtime; the single `#[pyfunction]`
-//! [`run_bench`] at the bottom is the only place that sees Python, and it
-//! releases the GIL for the whole run.
+//! Pure Rust on its own tokio runtime, no Python: the extension's `run_bench`
+//! (`src/bench.rs`, only in builds with the `loadgen` cargo feature) calls
+//! [`run`] and [`serve_floor`] with the GIL released. Test tooling only: it
+//! holds an accept-any-certificate TLS verifier (`--insecure`) and a raw epoll
+//! server, so it is kept out of the production extension.
 //!
 //! Modes:
 //! - `echo`: closed loop. Each of N connections keeps `pipeline` messages in
@@ -20,8 +22,8 @@
 //!   open.
 //!
 //! Frames are masked with a fresh key per frame and decoded with
-//! [`crate::frame`]; the server's 101 is checked with
-//! [`crate::handshake::accept_key`].
+//! [`lightws_proto::frame`]; the server's 101 is checked with
+//! [`lightws_proto::handshake::accept_key`].
 
 mod client;
 mod floor;
@@ -33,13 +35,11 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use pyo3::exceptions::{PyOSError, PyValueError};
-use pyo3::prelude::*;
-use pyo3::types::PyDict;
 use tokio::sync::watch;
 
-use crate::frame::OpCode;
 pub use client::Target;
+pub use floor::serve as serve_floor;
+use lightws_proto::frame::OpCode;
 
 /// At most this many connections are in their connect/handshake at once.
 const CONNECT_CONCURRENCY: usize = 256;
@@ -578,130 +578,5 @@ impl Ticker {
             eprintln!("[{:5.1}s] {}", (now - self.start).as_secs_f64(), line());
         }
         Ok(())
-    }
-}
-
-fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("mode", r.mode)?;
-    d.set_item("url", &r.url)?;
-    d.set_item("connections", r.connections)?;
-    d.set_item("opened", r.opened)?;
-    d.set_item("failed", r.failed)?;
-    d.set_item("open_at_end", r.open_at_end)?;
-    d.set_item("size", r.size)?;
-    d.set_item("seconds", r.seconds)?;
-    d.set_item("messages", r.messages)?;
-    d.set_item("bytes", r.bytes)?;
-    d.set_item("msgs_per_s", r.msgs_per_s)?;
-    d.set_item("mb_per_s", r.mb_per_s)?;
-    if r.mode == "rate" {
-        d.set_item("target_rate", r.target_rate)?;
-        d.set_item("sent", r.sent)?;
-        d.set_item("timeouts", r.timeouts)?;
-    }
-    if let Some(l) = &r.latency {
-        let ld = PyDict::new(py);
-        ld.set_item("count", l.count)?;
-        ld.set_item("mean_us", l.mean_us)?;
-        ld.set_item("p50_us", l.p50_us)?;
-        ld.set_item("p90_us", l.p90_us)?;
-        ld.set_item("p99_us", l.p99_us)?;
-        ld.set_item("p99_9_us", l.p999_us)?;
-        ld.set_item("max_us", l.max_us)?;
-        d.set_item("latency", ld)?;
-    }
-    d.set_item("errors", r.errors.clone())?;
-    Ok(d)
-}
-
-/// Run a load (`mode` = `"echo"`, `"rate"`, `"idle"`) against `url` and
-/// return the report as a dict; or, with `mode="floor-server"`, serve the
-/// minimal native echo server on `url` (`host:port`) until interrupted.
-///
-/// The GIL is released for the whole run; Ctrl-C (any pending signal whose
-/// handler raises) stops it and is re-raised.
-#[pyfunction]
-#[pyo3(signature = (
-    mode, url, *, connections=100, size=64, pipeline=1, duration=5.0, warmup=1.0,
-    rate=10000.0, sources=0, insecure=false, cafile=None, text=false, progress=true,
-    threads=1
-))]
-#[allow(clippy::too_many_arguments)]
-pub fn run_bench<'py>(
-    py: Python<'py>,
-    mode: &str,
-    url: &str,
-    connections: usize,
-    size: usize,
-    pipeline: usize,
-    duration: f64,
-    warmup: f64,
-    rate: f64,
-    sources: usize,
-    insecure: bool,
-    cafile: Option<String>,
-    text: bool,
-    progress: bool,
-    threads: usize,
-) -> PyResult<Option<Bound<'py, PyDict>>> {
-    // The signal check runs on this (the main) thread, GIL taken briefly.
-    let signal_error: Mutex<Option<PyErr>> = Mutex::new(None);
-    let interrupted = || {
-        Python::attach(|py| match py.check_signals() {
-            Ok(()) => false,
-            Err(e) => {
-                *signal_error.lock() = Some(e);
-                true
-            }
-        })
-    };
-    let mode = match mode {
-        "echo" => Mode::Echo,
-        "rate" => Mode::Rate,
-        "idle" => Mode::Idle,
-        "floor-server" => {
-            let result = py.detach(|| floor::serve(url, progress, &interrupted));
-            if let Some(e) = signal_error.lock().take() {
-                return Err(e);
-            }
-            return result
-                .map(|()| None)
-                .map_err(|e| PyOSError::new_err(format!("floor server on {url}: {e}")));
-        }
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown mode {other:?} (echo, rate, idle, floor-server)"
-            )))
-        }
-    };
-    let opts = Options {
-        mode,
-        url: url.to_string(),
-        connections,
-        size,
-        pipeline,
-        duration,
-        warmup,
-        rate,
-        sources,
-        insecure,
-        cafile,
-        text,
-        progress,
-        threads,
-    };
-    let result = py.detach(|| run(opts, &interrupted));
-    if let Some(e) = signal_error.lock().take() {
-        return Err(e);
-    }
-    match result {
-        Ok(report) => report_dict(py, &report).map(Some),
-        Err(BenchError::Invalid(m)) => Err(PyValueError::new_err(m)),
-        Err(BenchError::Io(e)) => Err(match e.raw_os_error() {
-            Some(errno) => PyOSError::new_err((errno, e.to_string())),
-            None => PyOSError::new_err(e.to_string()),
-        }),
-        Err(BenchError::Interrupted) => Err(pyo3::exceptions::PyKeyboardInterrupt::new_err(())),
     }
 }

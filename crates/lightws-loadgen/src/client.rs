@@ -26,8 +26,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use super::{mono_ns, Mode, Options, Phase, Shared};
-use crate::frame::{self, close_code, Decoder, Event, OpCode, Role};
-use crate::handshake;
+use lightws_proto::frame::{self, close_code, Decoder, Event, OpCode, Role};
+use lightws_proto::handshake;
 
 /// Largest response head accepted from the server.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;

@@ -1,8 +1,8 @@
 //! The floor server: the least a WebSocket echo server can do on one thread.
 //!
 //! One thread, one level-triggered epoll set, non-blocking sockets, no
-//! runtime, no Python. It parses the upgrade with [`crate::handshake`], decodes
-//! with [`crate::frame`] (unmasking in place, validating UTF-8 like lightws),
+//! runtime, no Python. It parses the upgrade with [`lightws_proto::handshake`], decodes
+//! with [`lightws_proto::frame`] (unmasking in place, validating UTF-8 like lightws),
 //! and echoes each whole message as one unmasked frame. `bench/compare.py`
 //! runs it next to the Python servers so that every ratio can be read against
 //! what the kernel and the codec alone cost.
@@ -16,8 +16,8 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 
-use crate::frame::{self, Decoder, Event, OpCode, Role};
-use crate::handshake::{self, Upgrade};
+use lightws_proto::frame::{self, Decoder, Event, OpCode, Role};
+use lightws_proto::handshake::{self, Upgrade};
 
 const LISTENER: u64 = u64::MAX;
 const SCRATCH: usize = 64 * 1024;

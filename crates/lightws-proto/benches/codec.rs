@@ -1,4 +1,4 @@
-//! Codec micro-benchmarks: `cargo bench --bench codec`.
+//! Codec micro-benchmarks: `cargo bench -p lightws-proto --bench codec`.
 //!
 //! - `decode_unmask/{binary,text}/SIZE`: one masked client frame decoded by a
 //!   server-role `Decoder` (header parse + in-place unmask; text adds the
@@ -17,9 +17,9 @@
 
 use std::hint::black_box;
 
-use _lightws::frame::{self, Decoder, Event, OpCode, Role};
-use _lightws::handshake;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lightws_proto::frame::{self, Decoder, Event, OpCode, Role};
+use lightws_proto::handshake;
 
 const SIZES: &[(usize, &str)] = &[
     (64, "64B"),

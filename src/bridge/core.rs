@@ -1,0 +1,374 @@
+//! `Core`, the native half of `lightws.Server`: the tokio runtime, the listener, the
+//! hub, and the dispatch of hub events on the loop thread.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+use tokio::sync::watch;
+
+use super::api::api;
+use super::config::{build_config, tune_malloc};
+use super::connection::{raw_headers, Connection, PyState};
+use super::errors::tls_err;
+use crate::frame::OpCode;
+use crate::lockcheck::ConnMutex;
+use crate::security::IpLimiter;
+use crate::server::{self, ServerShared};
+use crate::session::LogLevel;
+use crate::shared::{Event, EventHub, HandshakeEvent, Reply};
+use crate::stats::{Stats, OPCODES};
+use crate::tls::{self, CertStore};
+
+/// The native half of `lightws.Server` (private): owns the tokio runtime, the listener
+/// and the hub, and dispatches hub events on the loop thread.
+#[pyclass(module = "lightws._lightws", frozen)]
+pub struct Core {
+    srv: Arc<ServerShared>,
+    hub: Arc<EventHub>,
+    event_loop: Py<PyAny>,
+    dispatch: Py<PyAny>,
+    log: Py<PyAny>,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    conns: Mutex<HashMap<u64, Py<Connection>>>,
+    stop: Mutex<Option<watch::Sender<bool>>>,
+    local: Mutex<Option<(SocketAddr, i32)>>,
+}
+
+impl Core {
+    fn conn(&self, py: Python<'_>, id: u64) -> Option<Py<Connection>> {
+        self.conns.lock().get(&id).map(|c| c.clone_ref(py))
+    }
+
+    fn on_handshake(&self, py: Python<'_>, h: HandshakeEvent) -> PyResult<()> {
+        let HandshakeEvent {
+            conn,
+            request,
+            upgrade,
+            subprotocols,
+            reply,
+        } = h;
+        let remote = (conn.remote.ip().to_string(), conn.remote.port());
+        let id = conn.id;
+        let obj = Py::new(
+            py,
+            Connection {
+                shared: conn,
+                immediate: AtomicU32::new(0),
+                st: ConnMutex::new(PyState {
+                    reply: Some(reply),
+                    ..Default::default()
+                }),
+                event_loop: self.event_loop.clone_ref(py),
+                request: OnceLock::new(),
+                subprotocol: OnceLock::new(),
+            },
+        )?;
+        self.conns.lock().insert(id, obj.clone_ref(py));
+        let r = self.dispatch.call1(
+            py,
+            (
+                obj.clone_ref(py),
+                if request.method == "GET" {
+                    intern!(py, "GET").clone()
+                } else {
+                    PyString::new(py, &request.method)
+                },
+                request.target,
+                raw_headers(&request.headers),
+                remote,
+                upgrade,
+                subprotocols,
+            ),
+        );
+        if let Err(e) = r {
+            // The dispatcher itself failed (a bug, not the user's callback): answer 500.
+            self.emit_log(
+                py,
+                LogLevel::Error,
+                None,
+                &format!("handshake dispatch failed: {e}"),
+            );
+            let _ = obj.get().reply(Reply::Respond {
+                status: 500,
+                headers: Vec::new(),
+                body: b"Internal Server Error".to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn emit_log(
+        &self,
+        py: Python<'_>,
+        level: LogLevel,
+        conn: Option<(u64, SocketAddr)>,
+        msg: &str,
+    ) {
+        let (id, addr) = match conn {
+            Some((id, a)) => (Some(id).filter(|i| *i != 0), Some(a.to_string())),
+            None => (None, None),
+        };
+        if let Err(e) = self.log.call1(py, (level as u8, id, addr, msg)) {
+            e.write_unraisable(py, None);
+        }
+    }
+
+    fn handle(&self, py: Python<'_>, ev: Event) -> PyResult<()> {
+        match ev {
+            Event::Readable(id) => {
+                if let Some(c) = self.conn(py, id) {
+                    c.get().on_readable(py)?;
+                }
+            }
+            Event::Drained(id) => {
+                if let Some(c) = self.conn(py, id) {
+                    c.get().on_drained(py)?;
+                }
+            }
+            Event::Closed(id) => {
+                let c = self.conns.lock().remove(&id);
+                if let Some(c) = c {
+                    c.get().on_closed(py)?;
+                }
+            }
+            Event::Handshake(h) => self.on_handshake(py, *h)?,
+            Event::Log(l) => self.emit_log(py, l.level, l.conn, &l.msg),
+        }
+        Ok(())
+    }
+}
+
+/// Events handled per drain call before yielding back to the event loop.
+pub(super) const DRAIN_BATCH: usize = 1024;
+
+#[pymethods]
+impl Core {
+    #[new]
+    fn new(
+        config: &Bound<'_, PyAny>,
+        dispatch: Py<PyAny>,
+        log: Py<PyAny>,
+        event_loop: Py<PyAny>,
+    ) -> PyResult<Self> {
+        // The Python objects the bridge calls are looked up now, at startup: a missing
+        // one fails Server.start(), not the first message of some connection.
+        api(config.py())?;
+        let cfg = build_config(config)?;
+        let hub = Arc::new(EventHub::new().map_err(|e| PyOSError::new_err(e.to_string()))?);
+        let tls = match (&cfg.cert_file, &cfg.key_file) {
+            (Some(c), Some(k)) => {
+                let store = CertStore::load(c, k).map_err(tls_err)?;
+                let sc = tls::server_config(store.clone()).map_err(tls_err)?;
+                Some((store, tokio_rustls::TlsAcceptor::from(sc)))
+            }
+            _ => None,
+        };
+        let srv = Arc::new(ServerShared {
+            per_ip: IpLimiter::new(cfg.max_connections_per_ip),
+            cfg,
+            hub: hub.clone(),
+            stats: Arc::new(Stats::new()),
+            tls,
+        });
+        Ok(Self {
+            srv,
+            hub,
+            event_loop,
+            dispatch,
+            log,
+            runtime: Mutex::new(None),
+            conns: Mutex::new(HashMap::new()),
+            stop: Mutex::new(None),
+            local: Mutex::new(None),
+        })
+    }
+
+    /// Bind, listen and start accepting. Raises OSError if the address cannot be bound.
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        tune_malloc();
+        let mut rt_slot = self.runtime.lock();
+        if rt_slot.is_some() {
+            return Err(PyRuntimeError::new_err("server already started"));
+        }
+        let srv = self.srv.clone();
+        let listener = py.detach(|| server::bind(&srv.cfg)).map_err(|e| {
+            PyOSError::new_err((
+                e.raw_os_error().unwrap_or(0),
+                format!("cannot listen on {}: {e}", srv.cfg.addr),
+            ))
+        })?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(srv.cfg.threads)
+            .thread_name("lightws-io")
+            .enable_all()
+            .build()
+            .map_err(|e| PyOSError::new_err(format!("cannot start the I/O runtime: {e}")))?;
+        let (tx, rx) = watch::channel(false);
+        let fd = {
+            use std::os::fd::AsRawFd;
+            listener.as_raw_fd()
+        };
+        {
+            let _enter = rt.enter();
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| PyOSError::new_err(e.to_string()))?;
+            rt.spawn(server::accept_loop(listener, srv.clone(), rx));
+            let stats = srv.stats.clone();
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    stats.sample();
+                }
+            });
+        }
+        *self.stop.lock() = Some(tx);
+        *self.local.lock() = Some((local, fd));
+        *rt_slot = Some(rt);
+        Ok(())
+    }
+
+    /// The hub's wake-up descriptor, for `loop.add_reader`.
+    fn fd(&self) -> i32 {
+        self.hub.fd()
+    }
+
+    /// Handle queued events (called by the event loop when the fd is readable).
+    fn drain(&self, py: Python<'_>) {
+        self.hub.begin_drain();
+        let mut batch = Vec::new();
+        let more = self.hub.take(DRAIN_BATCH, &mut batch);
+        for ev in batch {
+            if let Err(e) = self.handle(py, ev) {
+                // One connection's failure must not lose the rest of the batch.
+                e.write_unraisable(py, None);
+            }
+        }
+        if more {
+            self.hub.rearm();
+        }
+    }
+
+    /// `(host, port)` the listener is bound to.
+    fn address(&self) -> Option<(String, u16)> {
+        self.local
+            .lock()
+            .map(|(a, _)| (a.ip().to_string(), a.port()))
+    }
+
+    /// The listening socket's descriptor (owned by the server; dup it to wrap it).
+    fn listener_fd(&self) -> Option<i32> {
+        self.local.lock().map(|(_, fd)| fd)
+    }
+
+    /// Stop accepting new connections (existing ones continue).
+    fn stop_accepting(&self) {
+        if let Some(tx) = self.stop.lock().take() {
+            let _ = tx.send(true);
+        }
+    }
+
+    /// The open connections (accepted or waiting for their handshake).
+    fn connections(&self, py: Python<'_>) -> Vec<Py<Connection>> {
+        self.conns
+            .lock()
+            .values()
+            .map(|c| c.clone_ref(py))
+            .collect()
+    }
+
+    /// Stop the runtime: every task is dropped (sockets closed). Handles the resulting
+    /// events before returning.
+    fn shutdown(&self, py: Python<'_>) {
+        self.stop_accepting();
+        let rt = self.runtime.lock().take();
+        if let Some(rt) = rt {
+            py.detach(|| rt.shutdown_timeout(Duration::from_secs(2)));
+        }
+        // Tasks dropped by the shutdown reported Closed; deliver those now.
+        for _ in 0..1000 {
+            self.drain(py);
+            if !self.hub.take(0, &mut Vec::new()) {
+                break;
+            }
+        }
+        self.local.lock().take();
+    }
+
+    /// Re-read the certificate files; new TLS handshakes use the new certificates.
+    fn reload_certificates(&self, py: Python<'_>) -> PyResult<()> {
+        match &self.srv.tls {
+            None => Err(PyRuntimeError::new_err(
+                "reload_certificates() needs a TLS server (Config.cert_file/key_file)",
+            )),
+            Some((store, _)) => {
+                let store = store.clone();
+                py.detach(move || store.reload()).map_err(tls_err)
+            }
+        }
+    }
+
+    /// True if the server serves TLS.
+    #[getter]
+    fn tls(&self) -> bool {
+        self.srv.tls.is_some()
+    }
+
+    /// Counters as a dict: totals plus `rates` (per second over the last 30 s, or
+    /// since start if younger, at least over 1 s: see stats.rs).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let window = self.srv.stats.window();
+        let (now, base) = (&window.now, &window.base);
+        let d = PyDict::new(py);
+        let rates = PyDict::new(py);
+        let rate = |a: u64, b: u64| window.rate(a, b);
+        d.set_item("connections", now.connections)?;
+        d.set_item("max_connections", now.max_connections)?;
+        let io = self.srv.cfg.io_statistics;
+        d.set_item("connections_reading", io.then_some(now.connections_reading))?;
+        d.set_item("connections_writing", io.then_some(now.connections_writing))?;
+        for (name, a, b) in [
+            ("handshakes", now.handshakes, base.handshakes),
+            (
+                "handshakes_failed",
+                now.handshakes_failed,
+                base.handshakes_failed,
+            ),
+            ("bytes_in", now.bytes_in, base.bytes_in),
+            ("bytes_out", now.bytes_out, base.bytes_out),
+        ] {
+            d.set_item(name, a)?;
+            rates.set_item(name, rate(a, b))?;
+        }
+        let fin = PyDict::new(py);
+        let fout = PyDict::new(py);
+        let rin = PyDict::new(py);
+        let rout = PyDict::new(py);
+        for i in 0..OPCODES {
+            if OpCode::from_u8(i as u8).is_some() {
+                fin.set_item(i, now.frames_in[i])?;
+                fout.set_item(i, now.frames_out[i])?;
+                rin.set_item(i, rate(now.frames_in[i], base.frames_in[i]))?;
+                rout.set_item(i, rate(now.frames_out[i], base.frames_out[i]))?;
+            }
+        }
+        d.set_item("frames_in", fin)?;
+        d.set_item("frames_out", fout)?;
+        rates.set_item("frames_in", rin)?;
+        rates.set_item("frames_out", rout)?;
+        d.set_item("rates", rates)?;
+        d.set_item("rate_window", window.span)?;
+        Ok(d)
+    }
+}

@@ -1,0 +1,280 @@
+//! The outbound side of a connection on the loop thread: the RFC 6455 §5.4 send
+//! scheduler. Frames are encoded straight into the connection's outbox; a message over
+//! `write_limit` goes out one fragment per drain; sends that arrive meanwhile (or
+//! while a `conn.writer()` is open) wait their turn in order, and control frames pass
+//! them. Every method locks only to move values (lockcheck.rs).
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+
+use super::connection::{Connection, Slot};
+use super::op::{is_done, reject, resolve, WaitKind};
+use crate::frame::{self, OpCode};
+use crate::session::{describe_frame, LogLevel};
+
+/// A message body kept by reference (no copy) until it is queued: `bytes` and `str` are
+/// immutable; other bytes-like objects are copied into `bytes` first.
+pub(super) enum Payload {
+    Bytes(Py<PyBytes>),
+    Str(Py<PyString>),
+}
+
+impl Payload {
+    fn as_bytes<'a>(&'a self, py: Python<'a>) -> PyResult<&'a [u8]> {
+        match self {
+            Payload::Bytes(b) => Ok(b.as_bytes(py)),
+            Payload::Str(s) => Ok(s.to_str(py)?.as_bytes()),
+        }
+    }
+}
+
+/// A message `send()` put aside while another message is going out in fragments
+/// (RFC 6455 5.4: no other data frame may come between the fragments of a message).
+pub(super) struct Deferred {
+    pub(super) fut: Py<PyAny>,
+    pub(super) op: OpCode,
+    pub(super) payload: Payload,
+}
+
+/// A message larger than `write_limit` going out one fragment per drain, so that a slow
+/// or stalled peer holds at most about two fragments of it in user space.
+///
+/// Its fragments keep going when the `send()` that started it is cancelled: the frames
+/// already written cannot be taken back, and another data frame may not start before
+/// the final one (RFC 6455 5.4). A close ends it.
+pub(super) struct LargeSend {
+    pub(super) fut: Py<PyAny>,
+    pub(super) payload: Payload,
+    pub(super) offset: usize,
+}
+
+impl Connection {
+    /// Fragment size for messages over `write_limit`.
+    pub(super) fn fragment_size(&self) -> usize {
+        self.shared.cfg.write_limit.max(16 * 1024)
+    }
+
+    /// Send one message; returns the awaitable for `send()`.
+    pub(super) fn send_payload(
+        &self,
+        py: Python<'_>,
+        op: OpCode,
+        payload: Payload,
+    ) -> PyResult<Py<PyAny>> {
+        if op.is_control() {
+            let data = payload.as_bytes(py)?;
+            if data.len() > frame::MAX_CONTROL_PAYLOAD {
+                return Err(PyValueError::new_err(format!(
+                    "control frame payload is {} bytes; RFC 6455 allows at most 125",
+                    data.len()
+                )));
+            }
+            // Control frames may go between the fragments of a message (RFC 6455 5.4).
+            return self.enqueue_frame(py, op, data, true);
+        }
+        let busy = {
+            let st = self.st.lock();
+            st.writer_active || st.large.is_some() || !st.deferred.is_empty()
+        };
+        if busy {
+            let fut = self.create_future(py)?;
+            self.st.lock().deferred.push_back(Deferred {
+                fut: fut.clone_ref(py),
+                op,
+                payload,
+            });
+            return self.pending(py, fut, WaitKind::Plain);
+        }
+        match self.send_data(py, op, payload, None)? {
+            None => self.completed(py),
+            Some(fut) => self.pending(py, fut, WaitKind::Plain),
+        }
+    }
+
+    /// Queue a data message now (the caller checked that no fragmented send is under
+    /// way). Returns None if it is queued and under `write_limit`, else the future that
+    /// completes when it is written down to the limit: `waiter` if given, else a new one.
+    pub(super) fn send_data(
+        &self,
+        py: Python<'_>,
+        op: OpCode,
+        payload: Payload,
+        waiter: Option<Py<PyAny>>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let data = payload.as_bytes(py)?;
+        let chunk = self.fragment_size();
+        if data.len() <= chunk {
+            if !self.queue_frame(py, op, data, true, false)? {
+                return Ok(None);
+            }
+            let fut = match waiter {
+                Some(f) => f,
+                None => self.create_future(py)?,
+            };
+            self.st.lock().drains.push(fut.clone_ref(py));
+            return Ok(Some(fut));
+        }
+        // First fragment now, the rest as the connection takes them (on_drained). The
+        // future exists before the first fragment is queued: between that and
+        // `st.large` being set no Python may run (it could queue another data frame).
+        let fut = match waiter {
+            Some(f) => f,
+            None => self.create_future(py)?,
+        };
+        self.queue_frame(py, op, &data[..chunk], false, true)?;
+        self.st.lock().large = Some(LargeSend {
+            fut: fut.clone_ref(py),
+            payload,
+            offset: chunk,
+        });
+        Ok(Some(fut))
+    }
+
+    /// Queue one frame (no deferral); returns the awaitable for `send()`.
+    pub(super) fn enqueue_frame(
+        &self,
+        py: Python<'_>,
+        op: OpCode,
+        data: &[u8],
+        fin: bool,
+    ) -> PyResult<Py<PyAny>> {
+        if self.queue_frame(py, op, data, fin, false)? {
+            let fut = self.create_future(py)?;
+            self.st.lock().drains.push(fut.clone_ref(py));
+            self.pending(py, fut, WaitKind::Plain)
+        } else {
+            self.completed(py)
+        }
+    }
+
+    /// Encode one frame into the outbox and wake the connection task. Returns true if
+    /// the outbox is over `write_limit` (a Drained event will follow); `want_drain`
+    /// asks for that event regardless.
+    pub(super) fn queue_frame(
+        &self,
+        py: Python<'_>,
+        op: OpCode,
+        data: &[u8],
+        fin: bool,
+        want_drain: bool,
+    ) -> PyResult<bool> {
+        let cfg = &self.shared.cfg;
+        let (was_empty, over) = {
+            let mut ob = self.shared.outbox.lock();
+            if ob.closed || ob.closing {
+                None
+            } else {
+                let was_empty = ob.buf.is_empty();
+                // One allocation of the right size (growing from the header's few bytes
+                // would reallocate and copy the payload again).
+                ob.buf.reserve(frame::MAX_HEADER_LEN + data.len());
+                frame::encode_header(&mut ob.buf, fin, op, data.len() as u64, None);
+                ob.buf.extend_from_slice(data);
+                let over = ob.buf.len() > cfg.write_limit;
+                if over || want_drain {
+                    ob.drain_waiting = true;
+                }
+                Some((was_empty, over))
+            }
+        }
+        .ok_or_else(|| self.closed_error_now(py))?;
+        if was_empty {
+            self.shared.waker.wake();
+        }
+        self.shared.stats.frame_out(op);
+        if cfg.log_level >= LogLevel::Debug {
+            self.shared
+                .log(LogLevel::Debug, || describe_frame("send", op, data));
+        }
+        Ok(over)
+    }
+
+    /// The task took the outbox: queue the next fragment of a large send, if any.
+    pub(super) fn continue_large(&self, py: Python<'_>) -> PyResult<()> {
+        // Out of the state while its fragment is queued (no Python runs in between);
+        // put back unless it is finished.
+        let taken = self.st.lock().large.take();
+        let Some(mut large) = taken else {
+            return Ok(());
+        };
+        let data = large.payload.as_bytes(py)?;
+        let end = (large.offset + self.fragment_size()).min(data.len());
+        let fin = end == data.len();
+        let r = self.queue_frame(
+            py,
+            OpCode::Continuation,
+            &data[large.offset..end],
+            fin,
+            !fin,
+        );
+        large.offset = end;
+        if r.is_ok() && !fin {
+            self.st.lock().large = Some(large);
+            return Ok(());
+        }
+        match r {
+            Ok(_) => resolve(py, &large.fut, py.None())?,
+            Err(e) => reject(py, &large.fut, e)?,
+        }
+        drop(large);
+        self.release(py)
+    }
+
+    /// A fragmented send finished: send what was put aside, in order, then let the next
+    /// waiting writer in.
+    pub(super) fn release(&self, py: Python<'_>) -> PyResult<()> {
+        loop {
+            let next = {
+                let mut st = self.st.lock();
+                if st.large.is_some() || st.writer_active {
+                    return Ok(());
+                }
+                match st.deferred.pop_front() {
+                    Some(d) => Ok(d),
+                    None => Err(st.writer_waiters.pop_front()),
+                }
+            };
+            match next {
+                Ok(d) => {
+                    if is_done(py, &d.fut)? {
+                        continue; // the sender was cancelled: it did not send
+                    }
+                    // The sender's own future completes when its message is queued
+                    // (and, over write_limit, written down to it).
+                    match self.send_data(py, d.op, d.payload, Some(d.fut.clone_ref(py))) {
+                        Ok(None) => resolve(py, &d.fut, py.None())?,
+                        Ok(Some(_)) => {}
+                        Err(e) => reject(py, &d.fut, e)?,
+                    }
+                }
+                Err(Some(w)) => {
+                    if is_done(py, &w)? {
+                        continue;
+                    }
+                    self.st.lock().writer_active = true;
+                    resolve(py, &w, py.None())?;
+                    return Ok(());
+                }
+                Err(None) => return Ok(()),
+            }
+        }
+    }
+
+    /// Whether a writer (or a data send) may start now.
+    pub(super) fn slot(&self) -> Slot {
+        let st = self.st.lock();
+        if st.finished {
+            Slot::Finished
+        } else if st.writer_active || st.large.is_some() || !st.deferred.is_empty() {
+            Slot::Busy
+        } else {
+            Slot::Free
+        }
+    }
+
+    pub(super) fn writer_end(&self, py: Python<'_>) -> PyResult<()> {
+        self.st.lock().writer_active = false;
+        self.release(py)
+    }
+}

@@ -1,0 +1,214 @@
+//! What a connection's tokio task and its Python object share, and the events the
+//! tokio side hands to the loop thread.
+//!
+//! The data here refers to itself (a connection holds the hub its events go to; an
+//! event can carry the connection), so it lives in one module: `hub.rs` is only the
+//! queue and its wake-up, `conn.rs` only the driver, and no module imports one that
+//! imports it back.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures_util::task::AtomicWaker;
+use tokio::sync::oneshot;
+
+use crate::frame::OpCode;
+use crate::handshake;
+use crate::hub::Hub;
+use crate::lockcheck::ConnMutex;
+use crate::session::{CloseInfo, LogLevel, Part, SessionConfig, ABNORMAL_CLOSURE};
+use crate::stats::Stats;
+
+/// The hub of one server: tokio tasks push [`Event`]s, the loop thread drains them.
+pub type EventHub = Hub<Event>;
+
+/// Settings a connection needs after the upgrade (a slice of the server Config).
+#[derive(Debug, Clone)]
+pub struct ConnConfig {
+    /// The protocol settings (shared by every connection's session).
+    pub session: Arc<SessionConfig>,
+    pub ws_read_buffer: usize,
+    pub ws_write_buffer: usize,
+    pub write_limit: usize,
+    /// Reading pauses while this many bytes of complete messages wait for `recv()`.
+    pub inbox_limit: usize,
+    pub log_level: LogLevel,
+    /// Maintain the connections_reading / connections_writing gauges.
+    pub io_statistics: bool,
+}
+
+/// A complete message (or, for a streamed message, one chunk of it) waiting for Python.
+pub struct InMsg {
+    pub opcode: OpCode,
+    pub data: Vec<u8>,
+    /// Whole message, or a chunk of a message streamed to `conn.reader()`.
+    pub part: Part,
+}
+
+#[derive(Default)]
+pub struct Inbox {
+    pub queue: VecDeque<InMsg>,
+    pub bytes: usize,
+    /// A Python `recv()` is pending: the next message must push `Event::Readable`.
+    pub waiting: bool,
+    /// No more messages will arrive.
+    pub closed: Option<CloseInfo>,
+    /// The task stopped reading because `bytes` reached `inbox_limit`.
+    pub paused: bool,
+    /// A data message has started arriving but is not complete yet.
+    pub assembling: bool,
+}
+
+#[derive(Default)]
+pub struct Outbox {
+    /// Whole encoded frames, in send order. Taken by the task in one swap.
+    pub buf: Vec<u8>,
+    /// A `send()` is waiting for `buf` to be taken (its length was over `write_limit`).
+    pub drain_waiting: bool,
+    /// A close frame is queued (by Python or the task): no more data frames.
+    pub closing: bool,
+    /// The task has ended: nothing will be written any more.
+    pub closed: bool,
+    /// `abort()`: drop the socket now.
+    pub abort: bool,
+}
+
+/// State shared between a connection's tokio task and its Python object.
+pub struct ConnShared {
+    pub id: u64,
+    /// `conn.reader()` asked for the next message to be streamed (set under the inbox
+    /// lock, read by the task before each new message's first frame header).
+    pub stream_next: AtomicBool,
+    pub remote: SocketAddr,
+    pub inbox: ConnMutex<Inbox>,
+    pub outbox: ConnMutex<Outbox>,
+    pub waker: AtomicWaker,
+    pub hub: Arc<EventHub>,
+    pub stats: Arc<Stats>,
+    pub cfg: Arc<ConnConfig>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl ConnShared {
+    pub fn new(
+        remote: SocketAddr,
+        hub: Arc<EventHub>,
+        stats: Arc<Stats>,
+        cfg: Arc<ConnConfig>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            stream_next: AtomicBool::new(false),
+            remote,
+            inbox: ConnMutex::new(Inbox::default()),
+            outbox: ConnMutex::new(Outbox::default()),
+            waker: AtomicWaker::new(),
+            hub,
+            stats,
+            cfg,
+        })
+    }
+
+    /// Send a log line to the loop thread if `level` is enabled. Formatting happens only
+    /// then, so a disabled level costs one comparison.
+    pub fn log(&self, level: LogLevel, msg: impl FnOnce() -> String) {
+        if level <= self.cfg.log_level {
+            self.hub.push(Event::Log(Box::new(LogEvent {
+                level,
+                conn: Some((self.id, self.remote)),
+                msg: msg(),
+            })));
+        }
+    }
+
+    /// Called by the loop thread after it took messages out of the inbox.
+    pub fn resume_if_paused(&self, inbox: &mut Inbox) {
+        if inbox.paused && inbox.bytes < self.cfg.inbox_limit / 2 {
+            inbox.paused = false;
+            self.waker.wake();
+        }
+    }
+}
+
+/// Reports the end of the connection to Python however the task ends: normally, by a
+/// panic, or by being dropped when the runtime shuts down.
+pub struct ClosedGuard {
+    pub shared: Arc<ConnShared>,
+    pub info: Option<CloseInfo>,
+}
+
+impl ClosedGuard {
+    /// Report the connection closed with `info` (on drop, right here).
+    pub fn finish(mut self, info: CloseInfo) {
+        self.info = Some(info);
+    }
+}
+
+impl Drop for ClosedGuard {
+    fn drop(&mut self) {
+        let info = self.info.take().unwrap_or(CloseInfo {
+            code: ABNORMAL_CLOSURE,
+            reason: String::new(),
+        });
+        {
+            let mut inbox = self.shared.inbox.lock();
+            if inbox.closed.is_none() {
+                inbox.closed = Some(info);
+            }
+            inbox.waiting = false;
+        }
+        {
+            let mut outbox = self.shared.outbox.lock();
+            outbox.closed = true;
+            outbox.buf = Vec::new();
+        }
+        self.shared.hub.push(Event::Closed(self.shared.id));
+    }
+}
+
+/// What the loop thread answers to a handshake (or to a plain HTTP request).
+#[derive(Debug)]
+pub enum Reply {
+    /// 101: upgrade and start framing.
+    Accept {
+        headers: Vec<(String, String)>,
+        subprotocol: Option<String>,
+    },
+    /// Any other status: write the response and close.
+    Respond {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+}
+
+/// A request that waits for the Python handshake callable.
+pub struct HandshakeEvent {
+    pub conn: Arc<ConnShared>,
+    pub request: handshake::Request,
+    /// false for a plain HTTP request shown to the callback (`http_fallback`).
+    pub upgrade: bool,
+    pub subprotocols: Vec<String>,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// A log line produced on a tokio thread, formatted there, emitted by the loop thread.
+pub struct LogEvent {
+    pub level: LogLevel,
+    pub conn: Option<(u64, SocketAddr)>,
+    pub msg: String,
+}
+
+pub enum Event {
+    Handshake(Box<HandshakeEvent>),
+    /// Messages (or the close) arrived for a connection whose `recv()` is pending.
+    Readable(u64),
+    /// The outbound queue of a connection fell below `write_limit`.
+    Drained(u64),
+    /// The connection's task ended; the socket is closed.
+    Closed(u64),
+    Log(Box<LogEvent>),
+}
