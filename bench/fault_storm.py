@@ -70,8 +70,9 @@ SERVER_SCRIPT = HERE / "storm_server.py"
 if str(HERE.parent / "tests") not in sys.path:
     sys.path.append(str(HERE.parent / "tests"))
 
-import rawws  # noqa: E402 - frame encoding and the upgrade request, shared with the tests
-from rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, build_frame  # noqa: E402
+# Frame encoding and the upgrade request, shared with the tests (tests/support/rawws.py).
+from support import rawws  # noqa: E402
+from support.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, build_frame  # noqa: E402
 
 #: The watchdog's bound: the event loop must answer every probe within this (seconds).
 STALL_BOUND = 1.0

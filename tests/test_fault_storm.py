@@ -25,8 +25,8 @@ from pathlib import Path
 
 import lightws
 import pytest
-from conftest import serve
-from rawws import RawWebSocket, upgrade_request
+from support import serve
+from support.rawws import RawWebSocket, upgrade_request
 
 # Appended, not prepended: bench/ holds scripts whose names must not shadow anything.
 sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))
