@@ -557,6 +557,7 @@ def sending_mode(rng: random.Random) -> str:
             path("ping", rng, n=300),
             path("raise", rng),
             path("close_abort", rng),
+            path("pubsub", rng, n=rng.randrange(10, 60)),
         ]
     )
 

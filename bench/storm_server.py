@@ -359,7 +359,48 @@ async def mode_raise(conn: lightws.Connection, p: Params, rng: random.Random) ->
     raise StormDeliberateError("the handler fails on purpose")
 
 
+async def mode_pubsub(conn: lightws.Connection, p: Params, rng: random.Random) -> None:
+    """Fan-out under faults: join one of a few rooms shared with other storm
+    connections, publish to it (sizes up to over write_limit) and broadcast while a
+    large send is going out in fragments (a published frame must never land between
+    them), leave and rejoin, then relay what the client sends to the room."""
+    server = conn.server
+    room = f"room{rng.randrange(4)}"
+    conn.subscribe(room)
+    conn.storm_room = room  # own attributes on a connection
+
+    async def publisher() -> None:
+        for i in range(int(num(p, "n", 40))):
+            server.publish(room, payload(rng.choice([10, 1000, 100_000])))
+            if i % 10 == 0:
+                # Only to other pubsub connections (the rest check their echoes);
+                # some of them are closed or closing by now.
+                lightws.broadcast(list(pubsub_conns)[:20], payload(200))
+            if i % 17 == 0:
+                conn.unsubscribe(room)
+                conn.subscribe(room)
+            await asyncio.sleep(rng.uniform(0.0, 0.01))
+
+    pubsub_conns.add(conn)
+    task = asyncio.ensure_future(publisher())
+    try:
+        await conn.send(payload(1 << 20))
+        async for msg in conn:
+            server.publish(conn.storm_room, msg, exclude=conn)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # Kept a little after the end, so that broadcasts also meet closed connections.
+        asyncio.get_running_loop().call_later(0.5, pubsub_conns.discard, conn)
+
+
+#: Connections in pubsub mode (the only ones broadcast to).
+pubsub_conns: set[lightws.Connection] = set()
+
+
 MODES: dict[str, Mode] = {
+    "pubsub": mode_pubsub,
     "echo": mode_echo,
     "send": mode_send,
     "send_timeout": mode_send_timeout,
@@ -447,6 +488,8 @@ async def main(args: argparse.Namespace) -> None:
         http_fallback=True,
         log_level=lightws.LogLevel.WARN,
         close_timeout=args.close_timeout,
+        # Small enough that stalled storm clients in pubsub rooms hit it (closed 1013).
+        max_backpressure=512 * 1024,
     )
     monitor = asyncio.ensure_future(lag_monitor())
     async with lightws.Server(config) as server:
