@@ -901,8 +901,8 @@ class Client:
             self.fault("clean_stream/writer")
             ev = await peer.read_until(lambda e: e.kind in ("message", "close"), WAIT + 10)
             if ev is None or ev.kind != "message" or len(ev.payload) != n * size:
-                got = None if ev is None else (ev.kind, len(ev.payload))
-                self.storm.fail(f"writer of {n} x {size} B arrived as {got}")
+                arrived = None if ev is None else (ev.kind, len(ev.payload))
+                self.storm.fail(f"writer of {n} x {size} B arrived as {arrived}")
                 peer.rst()
                 return
             self.storm.echoed += 1
@@ -1163,7 +1163,8 @@ class Storm:
         everyone = asyncio.gather(*workers)
         # Workers end by themselves after the deadline (every scenario is capped); the
         # watchdog's freeze ends the storm at once.
-        await asyncio.wait([everyone, watch], return_when=asyncio.FIRST_COMPLETED)
+        waits: list[asyncio.Future[Any]] = [everyone, watch]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         others = [watch, *([progress] if progress else [])]
         for t in [*workers, *others]:
             t.cancel()
@@ -1193,7 +1194,8 @@ async def echo_check(port: int) -> str | None:
         async with connect(
             f"ws://127.0.0.1:{port}/?mode=echo", open_timeout=WAIT, close_timeout=WAIT
         ) as ws:
-            for msg in ["after the storm", os.urandom(100_000)]:
+            messages: list[str | bytes] = ["after the storm", os.urandom(100_000)]
+            for msg in messages:
                 await ws.send(msg)
                 got = await asyncio.wait_for(ws.recv(), WAIT)
                 if got != msg:
