@@ -14,23 +14,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import free_port
 from websockets.asyncio.client import ClientConnection, connect
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_redis() -> str:

@@ -22,7 +22,7 @@ from backplane import (
     subscriber,
     until,
 )
-from conftest import serve
+from support import serve
 from scaleout_app import handshake
 
 pytestmark = pytest.mark.timeout(120)
