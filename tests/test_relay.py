@@ -22,8 +22,8 @@ from backplane import (
     subscriber,
     until,
 )
-from support import serve
 from scaleout_app import handshake
+from support import serve
 
 pytestmark = pytest.mark.timeout(120)
 
