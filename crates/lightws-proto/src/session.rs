@@ -5,8 +5,9 @@
 //! rule of RFC 6455 about a connection's life lives here and is unit tested without a
 //! socket: the close handshake (§5.5.1, §7.1.2-7.1.5), failing the connection (§7.1.7),
 //! ping/pong (§5.5.2-5.5.3) and keepalive, fragment assembly (§5.4), the message size
-//! limit, and the output back-pressure rule. The server uses it in [`Role::Server`]; the
-//! client will use it in [`Role::Client`].
+//! limit, and the output back-pressure rule. The server uses it in [`Role::Server`],
+//! `lightws.connect` in [`Role::Client`] (incoming frames must then be unmasked; its
+//! own control frames are masked with random keys).
 //!
 //! What the session needs from its surroundings (the inbox, the application's
 //! outbound queue, statistics, logging) it asks through the [`Io`] trait, so that the
@@ -213,13 +214,12 @@ impl Session {
         self.state
     }
 
-    /// Frames sent by this end must be masked (the client role, RFC 6455 5.3).
+    /// Frames sent by this end must be masked (the client role, RFC 6455 5.3), each
+    /// with a fresh unpredictable key (§10.3, mask.rs).
     fn mask(&self) -> Option<[u8; 4]> {
         match self.cfg.role {
             Role::Server => None,
-            // The client role arrives with the client (issue: client); until then a
-            // fixed key keeps the frames well-formed for the session's tests.
-            Role::Client => Some([0x5a, 0x3c, 0x96, 0x0f]),
+            Role::Client => Some(crate::mask::random_mask()),
         }
     }
 
