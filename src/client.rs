@@ -205,10 +205,7 @@ fn tls_error(e: io::Error) -> ConnectError {
 async fn open_tcp(target: &Target) -> Result<TcpStream, ConnectError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
         .await
-        .map_err(|e| ConnectError::Io {
-            errno: e.raw_os_error(),
-            message: format!("cannot resolve {:?}: {e}", target.host),
-        })?
+        .map_err(|e| ConnectError::Resolve(format!("cannot resolve {:?}: {e}", target.host)))?
         .collect();
     let mut last = None;
     for addr in addrs {
@@ -220,9 +217,8 @@ async fn open_tcp(target: &Target) -> Result<TcpStream, ConnectError> {
             Err(e) => last = Some(io_error(&format!("cannot connect to {addr}"), &e)),
         }
     }
-    Err(last.unwrap_or_else(|| ConnectError::Io {
-        errno: None,
-        message: format!("{:?} resolved to no address", target.host),
+    Err(last.unwrap_or_else(|| {
+        ConnectError::Resolve(format!("{:?} resolved to no address", target.host))
     }))
 }
 

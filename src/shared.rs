@@ -380,7 +380,9 @@ pub enum ConnectError {
         message: String,
         response: Option<handshake::client::Response>,
     },
-    /// Name resolution, TCP or the socket failed (`OSError`).
+    /// The host name could not be resolved (`socket.gaierror`).
+    Resolve(String),
+    /// TCP or the socket failed (`OSError`, by errno: `ConnectionRefusedError`, ...).
     Io { errno: Option<i32>, message: String },
     /// The server's certificate was not accepted (`ssl.SSLCertVerificationError`).
     Certificate(String),

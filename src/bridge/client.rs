@@ -440,6 +440,7 @@ fn error_tuple<'py>(py: Python<'py>, e: ConnectError) -> PyResult<Bound<'py, PyT
         ConnectError::Invalid { message, response } => {
             ("invalid", message, response, Vec::new(), None)
         }
+        ConnectError::Resolve(m) => ("gaierror", m, None, Vec::new(), None),
         ConnectError::Io { errno, message } => ("oserror", message, None, Vec::new(), errno),
         ConnectError::Certificate(m) => ("certificate", m, None, Vec::new(), None),
         ConnectError::Tls(m) => ("tls", m, None, Vec::new(), None),
