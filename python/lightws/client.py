@@ -86,20 +86,23 @@ class connect:
         open_timeout: seconds for name resolution, TCP, TLS and the handshake
             together; ``TimeoutError`` after it. None waits forever.
         close_timeout: seconds ``close()`` waits for the server's close frame.
-        ping_interval, ping_timeout: keepalive pings after that many idle seconds,
-            closing with 1011 if no pong comes within ``ping_timeout`` (default: the
-            interval). None (default) sends none.
+        ping_interval: send a keepalive ping after this many idle seconds; None
+            (default) sends none.
+        ping_timeout: close with 1011 if no pong comes within this many seconds
+            (default: ``ping_interval``).
         auto_pong: answer pings in Rust (default); with False pings and pongs reach
             ``recv()``.
         write_limit: bytes queued before ``send()`` waits for the socket.
         log_level: records of this connection's I/O, to the ``lightws.client`` logger.
-        backoff_initial_delay, backoff_min_delay, backoff_factor, backoff_max_delay:
-            the reconnecting iterator's delays after a failed attempt: the first a
-            random fraction of ``backoff_initial_delay``, then ``backoff_min_delay``
-            multiplied by ``backoff_factor`` each time, up to ``backoff_max_delay``
-            (websockets' defaults). A connection that opens resets them.
+        backoff_initial_delay: the reconnecting iterator's first delay after a failed
+            attempt is a random fraction of this.
+        backoff_min_delay: the second delay; each later one is ``backoff_factor``
+            times the previous, up to ``backoff_max_delay`` (websockets' defaults).
+            A connection that opens resets them.
+        backoff_factor: see ``backoff_min_delay``.
+        backoff_max_delay: see ``backoff_min_delay``.
 
-    Raises (when awaited or entered):
+    Raises:
         InvalidHandshake: the server refused the upgrade (``.status``, ``.headers``,
             ``.body``) or answered it in breach of RFC 6455.
         OSError: the host could not be resolved (``socket.gaierror``) or reached
@@ -107,7 +110,7 @@ class connect:
             ``ssl.SSLCertVerificationError`` for an untrusted certificate).
         TimeoutError: ``open_timeout`` passed.
         ValueError: a malformed URL, header or setting (raised by ``connect()``
-            itself).
+            itself, the others when it is awaited or entered).
     """
 
     def __init__(
