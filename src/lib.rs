@@ -41,6 +41,7 @@ fn _lightws(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bridge::client_core, m)?)?;
     m.add_function(wrap_pyfunction!(bridge::client_connect, m)?)?;
     m.add_function(wrap_pyfunction!(bridge::client_cancel, m)?)?;
+    m.add_function(wrap_pyfunction!(bridge::client_abandon, m)?)?;
     // The load generator is test tooling: registered only in builds with the
     // `loadgen` feature (`python -m lightws bench` explains how to get it).
     #[cfg(feature = "loadgen")]

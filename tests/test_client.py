@@ -19,6 +19,7 @@ import os
 import re
 import ssl
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -909,3 +910,40 @@ async def test_client_and_server_connections_talk_inside_one_process() -> None:
             async with lightws.connect(f"ws://127.0.0.1:{front.port}/") as conn:
                 await conn.send("abc")
                 assert (await conn.recv()).text == "cba"
+
+
+def test_a_loop_closed_with_client_connections_open_leaves_no_thread_behind() -> None:
+    from websockets.sync.server import ServerConnection as SyncConnection
+    from websockets.sync.server import serve as sync_serve
+
+    def echo(ws: SyncConnection) -> None:
+        with contextlib.suppress(Exception):
+            for message in ws:
+                ws.send(message)
+
+    # A server on a thread of its own, so that it outlives the client's loops.
+    with sync_serve(echo, "127.0.0.1", 0) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        url = f"ws://127.0.0.1:{server.socket.getsockname()[1]}/"
+
+        async def leave_open() -> None:
+            conn = await lightws.connect(url)
+            await conn.send("x")
+            assert (await conn.recv()).text == "x"
+            # Not closed: the loop ends with the connection open.
+
+        asyncio.run(leave_open())
+        assert client_threads() == 1
+
+        async def again() -> None:
+            # Connecting from a new loop stops the closed loop's core first.
+            async with lightws.connect(url) as conn:
+                assert client_threads() == 1
+                await conn.send("y")
+                assert (await conn.recv()).text == "y"
+            await eventually(lambda: client_threads() == 0)
+
+        asyncio.run(again())
+        server.shutdown()
+        thread.join(5)

@@ -162,6 +162,10 @@ def client_connect(
 def client_cancel(core: Core, token: int) -> None:
     """Give up the opening ``token`` (its connect() was cancelled)."""
 
+def client_abandon(core: Core) -> None:
+    """Stop a client core whose event loop closed with connections open: sockets
+    closed, runtime stopped, nothing called on the closed loop."""
+
 def run_bench(
     mode: str,
     url: str,

@@ -21,6 +21,7 @@ connection has closed.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import random
 import socket
@@ -372,9 +373,19 @@ _clients: dict[asyncio.AbstractEventLoop, _Client] = {}
 def _client_for(loop: asyncio.AbstractEventLoop) -> _Client:
     client = _clients.get(loop)
     if client is None or client.closed:
-        # Forget the cores of loops closed with connections still open (their runtime
-        # ends when the last of those connections is dropped).
-        for old in [lp for lp in _clients if lp.is_closed()]:
-            del _clients[old]
+        _abandon_closed_loops()
         client = _clients[loop] = _Client(loop)
     return client
+
+
+def _abandon_closed_loops() -> None:
+    """Stop the cores of loops that were closed with client connections still open
+    (``asyncio.run`` does not close them): their sockets are closed and their I/O
+    thread ends. Done when another loop connects, and at exit."""
+    for loop in [lp for lp in _clients if lp.is_closed()]:
+        client = _clients.pop(loop)
+        client.closed = True
+        _lightws.client_abandon(client.core)
+
+
+atexit.register(_abandon_closed_loops)

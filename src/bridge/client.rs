@@ -339,6 +339,28 @@ pub fn client_cancel(py: Python<'_>, core: &Bound<'_, Core>, token: u64) {
     }
 }
 
+/// Stop a client core whose event loop is gone (closed with client connections still
+/// open): the runtime is shut down (every socket closed) and the connections are
+/// forgotten, without calling back into the closed loop (`Core.shutdown` would
+/// complete their futures there).
+#[pyfunction]
+pub fn client_abandon(py: Python<'_>, core: &Bound<'_, Core>) {
+    let this = core.get();
+    let rt = this.runtime.lock().take();
+    if let Some(rt) = rt {
+        py.detach(|| rt.shutdown_timeout(Duration::from_secs(1)));
+    }
+    // Moved out of the locks before they are dropped (dropping a Python object can
+    // run Python code).
+    let conns = std::mem::take(&mut *this.conns.lock());
+    let pending = this
+        .client
+        .as_ref()
+        .map(|s| std::mem::take(&mut *s.pending.lock()));
+    drop(conns);
+    drop(pending);
+}
+
 /// Drop a connection nobody will use (its opening was given up).
 fn abort_shared(shared: &ConnShared) {
     {

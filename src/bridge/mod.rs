@@ -38,7 +38,7 @@ mod message;
 mod op;
 mod send;
 
-pub use self::client::{client_cancel, client_connect, client_core};
+pub use self::client::{client_abandon, client_cancel, client_connect, client_core};
 pub use self::connection::Connection;
 pub use self::core::{broadcast, Core};
 pub use self::message::Message;
