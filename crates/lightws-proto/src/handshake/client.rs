@@ -654,6 +654,54 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// What a server sends is untrusted: parsing and checking never panic, a
+        /// prefix of a head is "not yet", and only a 101 with the right accept value
+        /// and an offered subprotocol passes (fuzz/fuzz_targets/handshake_client.rs
+        /// checks the same with libFuzzer).
+        #[test]
+        fn any_server_answer_is_judged_without_panicking(
+            head in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            n in 0usize..4,
+        ) {
+            let offered = offered(&["a", "b", "c"][..n]);
+            let mut buf = b"HTTP/1.1 101 OK\r\n".to_vec();
+            buf.extend_from_slice(&head);
+            for b in [head.as_slice(), buf.as_slice()] {
+                if let Ok(Some((resp, used))) = parse_response(b, 4096) {
+                    proptest::prop_assert!(used <= b.len());
+                    proptest::prop_assert_eq!(parse_response(&b[..used - 1], 4096), Ok(None));
+                    if let Ok(sub) = check_response(&resp, KEY, &offered) {
+                        proptest::prop_assert_eq!(resp.status, 101);
+                        proptest::prop_assert!(sub.is_none_or(|p| offered.contains(&p)));
+                    }
+                }
+            }
+        }
+
+        /// Every URL the parser accepts gives a request our own server validates.
+        #[test]
+        fn every_accepted_url_gives_a_valid_upgrade(
+            url in "wss?://[a-zA-Z0-9.-]{1,20}(:[0-9]{1,5})?(/[a-zA-Z0-9/._~%-]{0,20})?(\\?[a-z0-9=&]{0,10})?",
+            n in 0usize..3,
+        ) {
+            let offered = offered(&["a", "b"][..n]);
+            if let Ok(t) = Target::parse(&url) {
+                let mut out = Vec::new();
+                write_request(&mut out, &t, KEY, &offered, &[]);
+                let (req, used) = super::super::parse_request(&out, 8192).unwrap().unwrap();
+                proptest::prop_assert_eq!(used, out.len());
+                match super::super::validate(&req) {
+                    super::super::Upgrade::WebSocket { key, subprotocols } => {
+                        proptest::prop_assert_eq!(key, KEY);
+                        proptest::prop_assert_eq!(subprotocols, offered);
+                    }
+                    other => proptest::prop_assert!(false, "{url}: {other:?}"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn body_length_of_a_refusal() {
         assert_eq!(
