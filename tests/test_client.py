@@ -478,15 +478,19 @@ async def test_the_clients_frames_are_masked_with_varying_keys() -> None:
     done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     async with raw_server(script) as (port, _):
         async with lightws.connect(f"ws://127.0.0.1:{port}/") as conn:
-            for i in range(10):
+            for i in range(9):
                 await conn.send(f"t{i}")
                 await conn.send(bytes([i]) * 200)
+            await conn.send("t9")
+            # A frame fanned out by broadcast() is masked for a client connection too.
+            assert lightws.broadcast([conn], b"fanned out") == 1
             await asyncio.sleep(0.1)  # the script answers our 20 frames with a ping
         keys, payloads, code = await asyncio.wait_for(done, 5)
     assert all(k is not None for k in keys)
     assert len(set(keys)) >= 20, "masking keys must not repeat frame to frame"
     assert payloads[0] == (1, b"t0")
     assert payloads[1] == (2, b"\x00" * 200)
+    assert payloads[19] == (2, b"fanned out")
     assert payloads[-1] == (10, b"ping!")
     assert code == 1000
 
