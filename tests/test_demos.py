@@ -290,12 +290,33 @@ async def test_push_websocket_without_id_is_rejected_with_400(push: Demo) -> Non
     assert excinfo.value.response.body == b"no_id"
 
 
-async def test_push_newer_client_takes_over_an_id(push: Demo) -> None:
-    async with connect(push.ws + "/?id=a") as first, connect(push.ws + "/?id=a") as second:
-        await asyncio.wait_for(first.wait_closed(), 10)
-        assert first.close_code == 4001
-        assert await push.put("?id=a&msg=to-second") == (200, "ok")
-        assert await recv(second) == "to-second"
+async def test_push_reaches_every_client_registered_with_the_id(push: Demo) -> None:
+    # An id is a topic: two tabs (or devices) of one id both get what is pushed to it.
+    async with (
+        connect(push.ws + "/?id=a") as first,
+        connect(push.ws + "/?id=a") as second,
+        connect(push.ws + "/?id=b") as other,
+    ):
+        status, _, body = await http_get(f"http://127.0.0.1:{push.put_port}/put/?id=a&msg=both")
+        assert (status, body) == (200, "ok")
+        assert await recv(first) == "both"
+        assert await recv(second) == "both"
+        assert await push.put("?id=b&msg=only-b") == (200, "ok")
+        assert await recv(other) == "only-b"
+        # The second tab leaving does not unregister the first.
+        await second.close()
+        assert await push.put("?id=a&msg=still") == (200, "ok")
+        assert await recv(first) == "still"
+
+
+async def test_push_reports_how_many_clients_it_reached(push: Demo) -> None:
+    async with connect(push.ws + "/?id=a"), connect(push.ws + "/?id=a"):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{push.put_port}/put/?id=a&msg=x") as response,
+        ):
+            assert response.status == 200
+            assert response.headers["X-Delivered"] == "2"
 
 
 async def test_push_sigterm_exits_0(push: Demo) -> None:

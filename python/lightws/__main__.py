@@ -34,8 +34,8 @@ from .demos import PushRegistry, countdown_handshake, echo_handshake
 __all__ = ["main"]
 
 #: Makes the servers a demo runs beside its main one (started after it, closed before),
-#: each with the path to show in the banner.
-SideServers = Callable[[], list[tuple[Server, str]]]
+#: each with the path to show in the banner; it is given the main server.
+SideServers = Callable[[Server], list[tuple[Server, str]]]
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
@@ -82,7 +82,7 @@ async def _serve(
         stack.enter_context(shutdown)  # first: a signal during startup is not lost
         try:
             server = await stack.enter_async_context(Server(config))
-            extras = side() if side else []
+            extras = side(server) if side else []
             for extra, _ in extras:
                 await stack.enter_async_context(extra)
         except (ValueError, TypeError, OSError) as e:
@@ -210,8 +210,8 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="clients register with ?id=; GET /put/?id=&msg= on --put-addr pushes to them",
         description="Clients connect with ?id=NAME; GET /put/?id=NAME&msg=TEXT on the "
-        "localhost-only --put-addr sends TEXT to that client (400 no_id without an id, "
-        "404 unknown_id for an id nobody registered).",
+        "localhost-only --put-addr sends TEXT to every client registered as NAME (400 "
+        "no_id without an id, 404 unknown_id for an id nobody registered).",
     )
     push.add_argument(
         "--put-addr",
@@ -238,7 +238,8 @@ def _demo(args: argparse.Namespace, level: LogLevel) -> tuple[HandshakeFunc, Sid
             )
         registry = PushRegistry()
 
-        def side() -> list[tuple[Server, str]]:
+        def side(server: Server) -> list[tuple[Server, str]]:
+            registry.server = server  # the put endpoint publishes to its clients' topics
             registry.put_url = f"http://{args.put_addr}/put/"
             put = Config(
                 addr=args.put_addr,
