@@ -1,15 +1,18 @@
-"""``python -m lightws echo|countdown|push`` as real subprocesses, driven by the
+"""``python -m lightws echo|countdown|push|chat`` as real subprocesses, driven by the
 websockets client and plain HTTP (aiohttp)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -136,7 +139,7 @@ async def recv(ws: ClientConnection, timeout: float = 5) -> str | bytes:
 # -- every demo ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["echo", "countdown", "push"])
+@pytest.mark.parametrize("command", ["echo", "countdown", "push", "chat"])
 async def test_get_root_serves_the_demo_page_as_html(command: str) -> None:
     demo = await start_push() if command == "push" else await start_demo(command)
     try:
@@ -166,7 +169,7 @@ def test_help_lists_every_demo() -> None:
         check=False,
     )
     assert result.returncode == 0
-    for command in ("echo", "countdown", "push"):
+    for command in ("echo", "countdown", "push", "chat"):
         assert command in result.stdout
 
 
@@ -337,3 +340,150 @@ def test_push_refuses_a_put_addr_that_is_not_loopback() -> None:
     )
     assert result.returncode == 2
     assert "loopback" in result.stderr
+
+
+# -- chat -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def chat() -> AsyncIterator[Demo]:
+    demo = await start_demo("chat")
+    yield demo
+    await demo.stop()
+
+
+async def event(ws: ClientConnection, timeout: float = 5) -> dict[str, Any]:
+    """The next chat event (a JSON object) ``ws`` receives."""
+    raw = await recv(ws, timeout)
+    assert isinstance(raw, str)
+    decoded = json.loads(raw)
+    assert isinstance(decoded, dict)
+    return decoded
+
+
+async def say(ws: ClientConnection, text: str) -> None:
+    await ws.send(json.dumps({"type": "message", "text": text}))
+
+
+@contextlib.asynccontextmanager
+async def member(chat: Demo, query: str, **kwargs: Any) -> AsyncIterator[ClientConnection]:
+    """A client in the room of ``query`` that has seen its own join notice."""
+    async with connect(chat.ws + "/" + query, **kwargs) as ws:
+        joined = await event(ws)
+        assert joined["type"] == "join"
+        yield ws
+
+
+async def test_chat_relays_each_message_to_its_room_only(chat: Demo) -> None:
+    async with (
+        member(chat, "?room=r1&name=ann") as ann,
+        member(chat, "?room=r1&name=bob") as bob,
+        member(chat, "?room=r2&name=cat") as cat,
+    ):
+        assert (await event(ann))["name"] == "bob"  # ann saw bob join
+        await say(ann, "hi r1 \u2603")
+        expected = {"type": "message", "room": "r1", "name": "ann", "text": "hi r1 \u2603"}
+        assert await event(bob) == expected
+        assert await event(ann) == expected  # the sender gets its own message too
+        await say(cat, "hi r2")
+        assert await event(cat) == {"type": "message", "room": "r2", "name": "cat", "text": "hi r2"}
+        # Nothing from r2 reached r1: the next thing ann and bob see is r1's.
+        await say(bob, "still r1")
+        assert (await event(ann))["text"] == "still r1"
+        assert (await event(bob))["text"] == "still r1"
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(cat.recv(), 0.3)
+
+
+async def test_chat_join_and_leave_notices_carry_the_member_count(chat: Demo) -> None:
+    async with connect(chat.ws + "/?name=ann") as ann:  # no ?room=: the lobby
+        assert await event(ann) == {"type": "join", "room": "lobby", "name": "ann", "members": 1}
+        async with connect(chat.ws + "/?room=lobby&name=bob") as bob:
+            joined = {"type": "join", "room": "lobby", "name": "bob", "members": 2}
+            assert await event(bob) == joined
+            assert await event(ann) == joined
+            async with connect(chat.ws + "/?room=elsewhere&name=cat") as cat:
+                assert (await event(cat))["members"] == 1
+        assert await event(ann) == {"type": "leave", "room": "lobby", "name": "bob", "members": 1}
+
+
+async def test_chat_name_from_the_first_message(chat: Demo) -> None:
+    async with member(chat, "?room=r&name=ann") as ann, connect(chat.ws + "/?room=r") as anon:
+        # Not in the room until named: a message first is an error, and ann sees nothing.
+        await say(anon, "too early")
+        assert (await event(anon))["error"] == "join_first"
+        await anon.send(json.dumps({"type": "join", "name": "  dan "}))
+        joined = {"type": "join", "room": "r", "name": "dan", "members": 2}
+        assert await event(anon) == joined
+        assert await event(ann) == joined
+        await anon.send(json.dumps({"type": "join", "name": "again"}))
+        assert (await event(anon))["error"] == "already_joined"
+        await say(anon, "now")
+        assert (await event(ann))["name"] == "dan"
+
+
+@pytest.mark.parametrize(
+    ("sent", "error"),
+    [
+        ("not json", "bad_json"),
+        ("{", "bad_json"),
+        ("[1, 2]", "bad_json"),
+        ('{"type": "shout", "text": "x"}', "bad_type"),
+        ('{"type": "join", "name": ""}', "already_joined"),
+        ('{"type": "message"}', "bad_text"),
+        ('{"type": "message", "text": 5}', "bad_text"),
+        ('{"type": "message", "text": "   "}', "bad_text"),
+        (json.dumps({"type": "message", "text": "x" * 2001}), "too_long"),
+        (json.dumps({"type": "message", "text": "x" * 20_000}), "too_long"),
+        (b"\x00binary", "text_only"),
+    ],
+)
+async def test_chat_bad_input_gets_an_error_reply_and_the_connection_stays_open(
+    chat: Demo, sent: str | bytes, error: str
+) -> None:
+    async with member(chat, "?room=r&name=ann") as ann, member(chat, "?room=r&name=bob") as bob:
+        await event(ann)  # bob's join
+        await ann.send(sent)
+        reply = await event(ann)
+        assert reply["type"] == "error"
+        assert reply["error"] == error
+        assert isinstance(reply["detail"], str) and reply["detail"]
+        # Only ann was told; the room saw nothing, and ann can still talk.
+        await say(ann, "fine")
+        assert (await event(bob))["text"] == "fine"
+        assert (await event(ann))["text"] == "fine"
+
+
+async def test_chat_closes_a_message_far_over_the_limit_with_1009(chat: Demo) -> None:
+    async with member(chat, "?name=ann") as ann:
+        await ann.send("x" * (1 << 20))
+        await asyncio.wait_for(ann.wait_closed(), 10)
+        assert ann.close_code == 1009
+
+
+@pytest.mark.parametrize(
+    ("query", "body"),
+    [
+        ("?name=", b"bad_name"),
+        ("?name=%20%20", b"bad_name"),
+        ("?name=" + "n" * 33, b"bad_name"),
+        ("?name=a%0Ab", b"bad_name"),
+        ("?room=" + "r" * 65, b"bad_room"),
+    ],
+)
+async def test_chat_refuses_a_bad_name_or_room_at_the_handshake(
+    chat: Demo, query: str, body: bytes
+) -> None:
+    with pytest.raises(InvalidStatus) as excinfo:
+        async with connect(chat.ws + "/" + query):
+            pass
+    assert excinfo.value.response.status_code == 400
+    assert excinfo.value.response.body == body
+
+
+async def test_chat_sigterm_closes_with_1001_and_exits_0(chat: Demo) -> None:
+    async with member(chat, "?name=ann") as ann:
+        chat.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(ann.wait_closed(), 10)
+        assert ann.close_code == 1001
+    assert await asyncio.wait_for(chat.proc.wait(), 10) == 0

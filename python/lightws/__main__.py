@@ -3,6 +3,7 @@
     python -m lightws echo      --addr 127.0.0.1:9001   # ?reverse=1 reverses
     python -m lightws countdown --addr 127.0.0.1:9001   # send N: "N...", ..., "boom!"
     python -m lightws push      --addr 127.0.0.1:9001 --put-addr 127.0.0.1:9002
+    python -m lightws chat      --addr 127.0.0.1:9001   # rooms: ?room=lobby&name=alice
 
 Open http://127.0.0.1:9001/ in a browser for the demo's page. SIGINT/SIGTERM stop
 accepting, close every connection with 1001 (waiting up to --close-timeout) and exit 0;
@@ -29,7 +30,8 @@ from typing import Any
 
 from . import Config, HandshakeFunc, LogLevel, Server, _bench
 from ._run import ShutdownOnSignals
-from .demos import PushRegistry, countdown_handshake, echo_handshake
+from .demos import PushRegistry, chat_handshake, countdown_handshake, echo_handshake
+from .demos.chat import MAX_MESSAGE
 
 __all__ = ["main"]
 
@@ -218,6 +220,18 @@ def _parser() -> argparse.ArgumentParser:
         default="127.0.0.1:9002",
         help="loopback host:port of the HTTP push endpoint (default %(default)s)",
     )
+    chat = sub.add_parser(
+        "chat",
+        parents=[common],
+        help="chat rooms: ?room=ROOM&name=NAME, JSON messages relayed to the whole room",
+        description="Chat rooms on topics: connect with ?room=ROOM (default lobby) and "
+        '?name=NAME (or send {"type": "join", "name": NAME} first); each '
+        '{"type": "message", "text": TEXT} goes to everyone in the room, join and leave '
+        "notices carry the member count, bad input gets an error message back.",
+    )
+    # A chat message is small: what is over this is closed with 1009 before it is read
+    # (between MAX_MESSAGE and this, the client gets a too_long error message instead).
+    chat.set_defaults(max_msg_len=4 * MAX_MESSAGE)
     bench = sub.add_parser("bench", help="load generator: echo, rate and idle loads")
     _bench.add_arguments(bench)
     return p
@@ -250,6 +264,8 @@ def _demo(args: argparse.Namespace, level: LogLevel) -> tuple[HandshakeFunc, Sid
             return [(Server(put), "/put/?id=ID&msg=TEXT")]
 
         return registry.handshake, side
+    if args.command == "chat":
+        return chat_handshake, None
     return echo_handshake, None
 
 
