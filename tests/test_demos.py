@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,6 +24,7 @@ from websockets.exceptions import InvalidStatus
 pytestmark = pytest.mark.asyncio_loop_only  # the servers run in their own processes
 
 TICK = 0.05  # countdown --tick for the tests: 20 numbers a second
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -487,3 +490,53 @@ async def test_chat_sigterm_closes_with_1001_and_exits_0(chat: Demo) -> None:
         await asyncio.wait_for(ann.wait_closed(), 10)
         assert ann.close_code == 1001
     assert await asyncio.wait_for(chat.proc.wait(), 10) == 0
+
+
+# -- the chat of docs/pubsub.md (examples/chat.py) --------------------------------------
+
+
+def pubsub_doc_chat() -> str:
+    """The Python block under "## A complete chat" in docs/pubsub.md."""
+    doc = (ROOT / "docs" / "pubsub.md").read_text()
+    match = re.search(r"```python\n(.*?)```", doc[doc.index("## A complete chat") :], re.DOTALL)
+    assert match, "no python block under 'A complete chat'"
+    return match.group(1)
+
+
+def test_the_chat_of_pubsub_md_is_examples_chat_py() -> None:
+    assert pubsub_doc_chat() == (ROOT / "examples" / "chat.py").read_text()
+
+
+async def test_the_chat_of_pubsub_md_runs(tmp_path: Path) -> None:
+    port = free_port()
+    source = pubsub_doc_chat()
+    assert source.count("127.0.0.1:9001") >= 2
+    path = tmp_path / "chat.py"
+    path.write_text(source.replace("127.0.0.1:9001", f"127.0.0.1:{port}"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    app = Demo(proc, port)
+    try:
+        await app.read_until("listening", timeout=15)
+        status, content_type, _ = await http_get(app.http + "/")
+        assert (status, content_type.split(";")[0]) == (200, "text/html")
+        async with member(app, "?room=r&name=ann") as ann:
+            async with connect(app.ws + "/?room=r") as bob:
+                await bob.send("{oops")
+                assert await event(bob) == {"type": "error", "error": "bad_json"}
+                await bob.send(json.dumps({"type": "join", "name": "bob"}))
+                joined = {"type": "join", "room": "r", "name": "bob", "members": 2}
+                assert await event(bob) == joined
+                assert await event(ann) == joined
+                await say(bob, "hi")
+                said = {"type": "message", "room": "r", "name": "bob", "text": "hi"}
+                assert await event(ann) == said
+                assert await event(bob) == said
+            assert await event(ann) == {"type": "leave", "room": "r", "name": "bob", "members": 1}
+    finally:
+        await app.stop()
