@@ -200,6 +200,24 @@ async def test_echo_closes_with_1000_on_exit_message(echo: Demo) -> None:
         assert ws.close_code == 1000
 
 
+async def test_echo_takes_a_1_mib_message_by_default(echo: Demo) -> None:
+    # --max-msg-len defaults to 16 MiB for every demo but chat (64 KiB).
+    async with connect(echo.ws + "/", max_size=None) as ws:
+        await ws.send(b"x" * (1 << 20))
+        assert await recv(ws, 10) == b"x" * (1 << 20)
+
+
+def test_the_default_max_msg_len_depends_on_the_demo() -> None:
+    from lightws.__main__ import _max_msg_len, _parser
+
+    parser = _parser()  # one parser: the subcommands share the common options
+    assert _max_msg_len(parser.parse_args(["chat"])) == 64 * 1024
+    for command in ("echo", "countdown", "push"):
+        assert _max_msg_len(parser.parse_args([command])) == 16 << 20
+    assert _max_msg_len(parser.parse_args(["chat", "--max-msg-len", "100"])) == 100
+    assert _max_msg_len(parser.parse_args(["echo", "--max-msg-len", "100"])) == 100
+
+
 # -- countdown --------------------------------------------------------------------------
 
 

@@ -35,6 +35,14 @@ from .demos.chat import MAX_MESSAGE
 
 __all__ = ["main"]
 
+#: --max-msg-len unless given.
+MAX_MSG_LEN = 16 << 20
+#: --max-msg-len of the chat demo unless given: a chat message is small, and what is
+#: over this is closed with 1009 before it is read (between MAX_MESSAGE and this, the
+#: client gets a too_long error message instead). Not with set_defaults(): subcommands
+#: share the common options' actions, so that would change every demo's default.
+CHAT_MAX_MSG_LEN = 4 * MAX_MESSAGE
+
 #: Makes the servers a demo runs beside its main one (started after it, closed before),
 #: each with the path to show in the banner; it is given the main server.
 SideServers = Callable[[Server], list[tuple[Server, str]]]
@@ -132,7 +140,10 @@ def _common_options() -> argparse.ArgumentParser:
         help="lightws log level (default %(default)s)",
     )
     common.add_argument(
-        "--max-msg-len", type=int, default=16 << 20, help="bytes (default %(default)s)"
+        "--max-msg-len",
+        type=int,
+        default=None,
+        help=f"bytes (default {MAX_MSG_LEN}; chat: {CHAT_MAX_MSG_LEN})",
     )
     common.add_argument("--threads", type=int, default=1, help="I/O threads (default 1)")
     common.add_argument(
@@ -220,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
         default="127.0.0.1:9002",
         help="loopback host:port of the HTTP push endpoint (default %(default)s)",
     )
-    chat = sub.add_parser(
+    sub.add_parser(
         "chat",
         parents=[common],
         help="chat rooms: ?room=ROOM&name=NAME, JSON messages relayed to the whole room",
@@ -229,9 +240,6 @@ def _parser() -> argparse.ArgumentParser:
         '{"type": "message", "text": TEXT} goes to everyone in the room, join and leave '
         "notices carry the member count, bad input gets an error message back.",
     )
-    # A chat message is small: what is over this is closed with 1009 before it is read
-    # (between MAX_MESSAGE and this, the client gets a too_long error message instead).
-    chat.set_defaults(max_msg_len=4 * MAX_MESSAGE)
     bench = sub.add_parser("bench", help="load generator: echo, rate and idle loads")
     _bench.add_arguments(bench)
     return p
@@ -269,6 +277,13 @@ def _demo(args: argparse.Namespace, level: LogLevel) -> tuple[HandshakeFunc, Sid
     return echo_handshake, None
 
 
+def _max_msg_len(args: argparse.Namespace) -> int:
+    """``--max-msg-len``, or the chosen demo's default."""
+    if args.max_msg_len is not None:
+        return int(args.max_msg_len)
+    return CHAT_MAX_MSG_LEN if args.command == "chat" else MAX_MSG_LEN
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
@@ -290,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_fallback=True,
         cert_file=args.cert,
         key_file=args.key,
-        max_msg_len=args.max_msg_len,
+        max_msg_len=_max_msg_len(args),
         log_level=level,
         threads=args.threads,
         origins=_origins(args.origin),
