@@ -6,11 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,82 +15,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from support import ROOT, astart, eventually, free_port, run_lightws
+from support.demos import Demo, http_get, recv_json, start_demo
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 pytestmark = pytest.mark.asyncio_loop_only  # the servers run in their own processes
 
 TICK = 0.05  # countdown --tick for the tests: 20 numbers a second
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Demo:
-    """A running ``python -m lightws <command>`` and what it printed before serving."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
-        self.proc = proc
-        self.port = port
-        self.banner = ""
-        self.put_port = 0  # push only: the HTTP endpoint's port
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    async def read_until(self, text: str, timeout: float = 10) -> str:
-        """Read the process's output until a line contains ``text``."""
-        assert self.proc.stdout is not None
-        seen = ""
-        while text not in seen:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-            if not line:
-                raise AssertionError(f"process ended before printing {text!r}: {seen!r}")
-            seen += line.decode(errors="replace")
-        return seen
-
-    async def put(self, query: str) -> tuple[int, str]:
-        """``GET /put/<query>`` on the push endpoint: (status, body)."""
-        status, _, body = await http_get(f"http://127.0.0.1:{self.put_port}/put/{query}")
-        return status, body
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-
-async def start_demo(command: str, *extra: str, ready: str = "in a browser") -> Demo:
-    """Start a demo on a free port and wait until it has printed ``ready``."""
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "lightws",
-        command,
-        "--addr",
-        f"127.0.0.1:{port}",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    demo = Demo(proc, port)
-    try:
-        demo.banner = await demo.read_until(ready, timeout=15)
-    except BaseException:
-        await demo.stop()
-        raise
-    return demo
 
 
 @pytest.fixture
@@ -126,15 +55,6 @@ async def push() -> AsyncIterator[Demo]:
     await demo.stop()
 
 
-async def http_get(url: str, method: str = "GET") -> tuple[int, str, str]:
-    """(status, Content-Type, body) of one plain HTTP request."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, url, timeout=aiohttp.ClientTimeout(total=10)) as response,
-    ):
-        return response.status, response.headers.get("Content-Type", ""), await response.text()
-
-
 async def recv(ws: ClientConnection, timeout: float = 5) -> str | bytes:
     return await asyncio.wait_for(ws.recv(), timeout)
 
@@ -164,13 +84,7 @@ async def test_page_server_answers_404_for_other_paths_and_405_for_other_methods
 
 
 def test_help_lists_every_demo() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "lightws", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_lightws("--help")
     assert result.returncode == 0
     for command in ("echo", "countdown", "push", "chat"):
         assert command in result.stdout
@@ -269,7 +183,7 @@ async def test_sigterm_mid_countdown_closes_with_1001_and_exits_0(countdown: Dem
         countdown.proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(ws.wait_closed(), 10)
         assert ws.close_code == 1001
-    assert await asyncio.wait_for(countdown.proc.wait(), 10) == 0
+    assert await countdown.proc.afinish(10) == 0
 
 
 # -- push -------------------------------------------------------------------------------
@@ -292,13 +206,13 @@ async def test_push_to_unknown_id_is_404(push: Demo) -> None:
     async with connect(push.ws + "/?id=a"):
         status, _ = await push.put("?id=b&msg=hi")
         assert status == 404
-    # ``a`` is gone once its connection closed.
-    for _ in range(100):
+
+    async def a_is_gone() -> bool:
         status, _ = await push.put("?id=a&msg=hi")
-        if status == 404:
-            break
-        await asyncio.sleep(0.05)
-    assert status == 404
+        return status == 404
+
+    # ``a`` is gone once the server has seen its connection close.
+    await eventually(a_is_gone, what="a 404 for the closed client's id")
 
 
 async def test_push_endpoint_serves_only_put(push: Demo) -> None:
@@ -348,17 +262,11 @@ async def test_push_sigterm_exits_0(push: Demo) -> None:
         push.proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(ws.wait_closed(), 10)
         assert ws.close_code == 1001
-    assert await asyncio.wait_for(push.proc.wait(), 10) == 0
+    assert await push.proc.afinish(10) == 0
 
 
 def test_push_refuses_a_put_addr_that_is_not_loopback() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "lightws", "push", "--put-addr", "0.0.0.0:0"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_lightws("push", "--put-addr", "0.0.0.0:0")
     assert result.returncode == 2
     assert "loopback" in result.stderr
 
@@ -373,13 +281,9 @@ async def chat() -> AsyncIterator[Demo]:
     await demo.stop()
 
 
-async def event(ws: ClientConnection, timeout: float = 5) -> dict[str, Any]:
-    """The next chat event (a JSON object) ``ws`` receives."""
-    raw = await recv(ws, timeout)
-    assert isinstance(raw, str)
-    decoded = json.loads(raw)
-    assert isinstance(decoded, dict)
-    return decoded
+async def event(ws: ClientConnection) -> dict[str, Any]:
+    """The next chat event ``ws`` receives."""
+    return await recv_json(ws)
 
 
 async def say(ws: ClientConnection, text: str) -> None:
@@ -507,7 +411,7 @@ async def test_chat_sigterm_closes_with_1001_and_exits_0(chat: Demo) -> None:
         chat.proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(ann.wait_closed(), 10)
         assert ann.close_code == 1001
-    assert await asyncio.wait_for(chat.proc.wait(), 10) == 0
+    assert await chat.proc.afinish(10) == 0
 
 
 # -- the chat of docs/pubsub.md (examples/chat.py) --------------------------------------
@@ -531,16 +435,8 @@ async def test_the_chat_of_pubsub_md_runs(tmp_path: Path) -> None:
     assert source.count("127.0.0.1:9001") >= 2
     path = tmp_path / "chat.py"
     path.write_text(source.replace("127.0.0.1:9001", f"127.0.0.1:{port}"))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    app = Demo(proc, port)
+    app = Demo(await astart([sys.executable, str(path)], ready="listening"), port)
     try:
-        await app.read_until("listening", timeout=15)
         status, content_type, _ = await http_get(app.http + "/")
         assert (status, content_type.split(";")[0]) == (200, "text/html")
         async with member(app, "?room=r&name=ann") as ann:

@@ -14,7 +14,7 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import eventually, serve, url
+from support import eventually, serve, url
 from websockets.asyncio.client import ClientConnection, connect
 
 Opcode = lightws.Opcode
