@@ -30,7 +30,7 @@ import lightws
 import pytest
 import trustme
 from aiohttp import web
-from conftest import echo_handshake, eventually, serve
+from support import echo_handshake, eventually, free_port, serve
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 
@@ -359,19 +359,8 @@ async def test_open_timeout_bounds_a_server_that_never_answers() -> None:
 
 
 async def test_connection_refused_is_an_os_error() -> None:
-    with socket_port() as port:
-        with pytest.raises(ConnectionRefusedError):
-            await lightws.connect(f"ws://127.0.0.1:{port}/")
-
-
-@contextlib.contextmanager
-def socket_port() -> Any:
-    """A port nobody listens on (bound, not listening, for the duration)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        await lightws.connect(f"ws://127.0.0.1:{free_port()}/")
 
 
 # ---- a raw server: the client's protocol rules -----------------------------------------------
@@ -848,8 +837,7 @@ async def test_the_iterator_raises_what_retrying_cannot_fix() -> None:
 
 
 async def test_the_iterator_retries_a_refused_tcp_connection() -> None:
-    with socket_port() as port:
-        pass
+    port = free_port()
     # Nothing listens yet: the first attempts are refused; then a server appears.
     config = lightws.Config(addr=f"127.0.0.1:{port}", handshake=echo_handshake)
 

@@ -717,7 +717,8 @@ impl Connection {
         PyFrozenSet::new(py, &names)
     }
 
-    /// The `lightws.Server` that accepted this connection (publish without a global).
+    /// The `lightws.Server` that accepted this connection (publish without a global);
+    /// None for a client connection (`lightws.connect`).
     #[getter]
     fn server(&self, py: Python<'_>) -> Py<PyAny> {
         self.core.get().server.clone_ref(py)
