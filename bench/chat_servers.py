@@ -20,6 +20,7 @@ the library's best way of doing it:
 Each prints ``ready`` once listening. lightws prints its ``stats()`` as one JSON line on
 SIGUSR1. ``--topics K`` (lightws only): instead of the room, subscribe each connection to
 K topics ``t0..t{K-1}`` (bench/chat.py's memory-per-subscription measurement).
+``--sock-write-buffer`` (lightws only) is ``Config.sock_write_buffer`` (SO_SNDBUF).
 ``--max-backpressure``/``--on-backpressure`` are lightws's ``Config`` fields; socketify
 gets the same limit as ``max_backpressure`` with ``close_on_backpressure_limit`` for
 "close". The others have no such setting: websockets' ``broadcast`` skips a connection
@@ -81,6 +82,7 @@ async def lightws_server(args: argparse.Namespace) -> Close:
         max_msg_len=MAX_SIZE,
         max_backpressure=args.max_backpressure,
         on_backpressure=args.on_backpressure,
+        sock_write_buffer=args.sock_write_buffer,
         backlog=4096,
     )
     server = lightws.Server(config)
@@ -255,6 +257,7 @@ def run(argv: list[str] | None = None) -> None:
     p.add_argument("--max-backpressure", type=int, default=1 << 20)
     p.add_argument("--on-backpressure", choices=["close", "drop"], default="close")
     p.add_argument("--topics", type=int, default=None)
+    p.add_argument("--sock-write-buffer", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.CRITICAL)
     if args.server == "socketify":

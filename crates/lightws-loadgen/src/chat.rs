@@ -4,8 +4,9 @@
 //! puts each connection in the room and relays every message from any client to the
 //! whole room, sender included: the publisher is a member and gets its own copies
 //! back; they are counted apart, not as deliveries). Optionally K *stalled* clients
-//! join too: they complete the upgrade and never read a byte until the run is over,
-//! then read whatever reached them (what a never-reading client got).
+//! join too: they complete the upgrade (with a small receive buffer,
+//! [`STALLED_RCVBUF`]) and never read a byte until the run is over, then read
+//! whatever reached them (what a never-reading client got).
 //!
 //! The publisher sends messages carrying a sequence number (payload bytes 0..8, little
 //! endian) and keeps `window` of them in flight. A message is *done* when **every
@@ -55,6 +56,8 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(2);
 const SUB_CHUNK: usize = 8 * 1024;
 /// Gaps a subscriber remembers (to tell out-of-order from missing).
 const MAX_GAPS: usize = 100_000;
+/// SO_RCVBUF of a never-reading client (the kernel doubles it).
+pub const STALLED_RCVBUF: u32 = 4096;
 /// A stalled client stops reading after this long without data at the end.
 const STALLED_QUIET: Duration = Duration::from_millis(500);
 /// ... and after this long in total.
@@ -456,17 +459,14 @@ async fn publisher<S: AsyncRead + AsyncWrite>(
     let mut next: u64 = 0;
     let mut done: u64 = 0;
     let mut last_progress = Instant::now();
-    let mut copies_expected: u64 = 0;
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if !started {
-            if chat.joined.load(Ordering::Relaxed) >= subscribers || Instant::now() >= join_deadline
-            {
-                started = true;
-                chat.started.store(true, Ordering::Release);
-                last_progress = Instant::now();
-            }
+        let all_in = chat.joined.load(Ordering::Relaxed) >= subscribers;
+        if !started && (all_in || Instant::now() >= join_deadline) {
+            started = true;
+            chat.started.store(true, Ordering::Release);
+            last_progress = Instant::now();
         }
         if started {
             // Messages every (live) subscriber has.
@@ -524,9 +524,6 @@ async fn publisher<S: AsyncRead + AsyncWrite>(
                                 probe_out = None;
                             }
                         } else {
-                            if seq == copies_expected {
-                                copies_expected += 1;
-                            }
                             copies += 1;
                         }
                     }

@@ -292,6 +292,11 @@ async fn connect_tcp(plan: &Plan, index: usize) -> io::Result<TcpStream> {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
+    if plan.opts.mode == Mode::Chat && chat::role(&plan.opts, index) == chat::Role::Stalled {
+        // A never-reading client advertises a small window, so the server's own
+        // buffering, not the kernel's, holds what it cannot send.
+        socket.set_recv_buffer_size(chat::STALLED_RCVBUF)?;
+    }
     if !plan.sources.is_empty() {
         let src = plan.sources[index % plan.sources.len()];
         // Let connect() pick the port, so that the 4-tuple, not the source
