@@ -132,6 +132,7 @@ class Sample:
     total_ns: int  # every thread
     rss_kib: int
     anon_kib: int
+    wakeups: int  # the main thread's voluntary context switches (sleeps)
 
 
 class ServerProcess:
@@ -187,14 +188,17 @@ class ServerProcess:
                     main = ns
                 elif read(f"{task_dir}/{tid}/comm").startswith("lightws-io"):
                     io += ns
-        rss = anon = 0
+        rss = anon = wakeups = 0
+        for line in read(f"{task_dir}/{self.pid}/status").splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                wakeups = int(line.split()[1])
         for line in read(f"/proc/{self.pid}/status").splitlines():
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1])
         for line in read(f"/proc/{self.pid}/smaps_rollup").splitlines():
             if line.startswith("Anonymous:"):
                 anon = int(line.split()[1])
-        return Sample(time.monotonic(), main, io, total, rss, anon)
+        return Sample(time.monotonic(), main, io, total, rss, anon, wakeups)
 
     def _sample_loop(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY):
@@ -222,6 +226,7 @@ class ServerProcess:
             mix(a.total_ns, b.total_ns),
             mix(a.rss_kib, b.rss_kib),
             mix(a.anon_kib, b.anon_kib),
+            mix(a.wakeups, b.wakeups),
         )
 
     def peak(self, since: float) -> tuple[int, int]:
@@ -317,6 +322,8 @@ def measure_run(
         "server CPU ns/delivery": (b.total_ns - a.total_ns) / deliveries,
         "loop CPU %": (b.main_ns - a.main_ns) / 1e9 / seconds * 100,
         "loop µs/publish": (b.main_ns - a.main_ns) / 1e3 / msgs,
+        "loop wakeups/publish": (b.wakeups - a.wakeups) / msgs,
+        "loop µs/wakeup": (b.main_ns - a.main_ns) / 1e3 / max(b.wakeups - a.wakeups, 1),
         "client CPU %": r["client_cpu_s"] / seconds * 100,
         "peak RSS MiB": peak_rss / 1024,
         "peak anon MiB": peak_anon / 1024,
@@ -512,7 +519,15 @@ def rows(s: Settings) -> list[tuple[str, str, str, bool]]:
             (f"room {n:,}: server CPU %", f"{n} server CPU %", "{:.0f}", False),
             (f"room {n:,}: server CPU ns/delivery", f"{n} server CPU ns/delivery", "{:,.0f}", True),
             (f"room {n:,}: loop-thread µs/publish", f"{n} loop µs/publish", "{:,.1f}", False),
+            (
+                f"room {n:,}: loop-thread wakeups/publish",
+                f"{n} loop wakeups/publish",
+                "{:,.2f}",
+                False,
+            ),
+            (f"room {n:,}: loop-thread µs/wakeup", f"{n} loop µs/wakeup", "{:,.1f}", False),
             (f"room {n:,}: io-thread µs/publish", f"{n} io µs/publish", "{:,.1f}", False),
+            (f"room {n:,}: io-thread ns/delivery", f"{n} io ns/delivery", "{:,.0f}", False),
             (f"room {n:,}: load generator CPU %", f"{n} client CPU %", "{:.0f}", False),
             (f"room {n:,}: peak RSS MiB", f"{n} peak RSS MiB", "{:,.0f}", False),
             (f"room {n:,}: subscribers complete %", f"{n} complete %", "{:.0f}", False),
