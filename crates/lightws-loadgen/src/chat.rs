@@ -35,9 +35,10 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
 
-use super::client::{wait_running, Conn, Rng};
+use super::client::{wait_running, Conn};
 use super::{Options, Phase, Shared};
 use lightws_proto::frame::{self, Event};
+use lightws_proto::mask::random_mask;
 
 /// Messages in flight are tracked in a ring of this many counters (the window must
 /// be at most half of it).
@@ -221,14 +222,13 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite>(
     plan: &super::client::Plan,
     shared: &Shared,
     phase: watch::Receiver<Phase>,
-    rng: &mut Rng,
 ) -> Result<(), String> {
     match role {
         Role::Subscriber => {
             conn.chunk = SUB_CHUNK;
             conn.inbuf.shrink_to(SUB_CHUNK);
             let mut check = SeqCheck::default();
-            let result = subscriber(conn, shared, phase, rng, &mut check).await;
+            let result = subscriber(conn, shared, phase, &mut check).await;
             let chat = &shared.chat;
             if result.is_err() {
                 chat.dead.fetch_add(1, Ordering::Relaxed);
@@ -238,7 +238,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite>(
             result
         }
         Role::Stalled => stalled(conn, shared, phase).await,
-        Role::Publisher => publisher(conn, plan, shared, phase, rng).await,
+        Role::Publisher => publisher(conn, plan, shared, phase).await,
     }
 }
 
@@ -333,7 +333,6 @@ impl Head {
 fn decode_all<S>(
     conn: &mut Conn<S>,
     head: &mut Head,
-    rng: &mut Rng,
     mut on_msg: impl FnMut(Option<u64>),
 ) -> Result<Option<Option<u16>>, String> {
     let mut pos = 0;
@@ -365,7 +364,7 @@ fn decode_all<S>(
                     true,
                     frame::OpCode::Pong,
                     p,
-                    Some(rng.mask()),
+                    Some(random_mask()),
                 );
             }
             Some(Event::Close { code, .. }) => {
@@ -382,7 +381,6 @@ async fn subscriber<S: AsyncRead + AsyncWrite>(
     conn: &mut Conn<S>,
     shared: &Shared,
     mut phase: watch::Receiver<Phase>,
-    rng: &mut Rng,
     check: &mut SeqCheck,
 ) -> Result<(), String> {
     let chat = &shared.chat;
@@ -393,7 +391,7 @@ async fn subscriber<S: AsyncRead + AsyncWrite>(
             biased;
             r = phase.changed() => {
                 if r.is_err() || *phase.borrow() == Phase::Stop {
-                    return conn.close(rng).await;
+                    return conn.close().await;
                 }
             }
             r = conn.wr.write(&conn.out[conn.out_pos..]), if conn.pending() => {
@@ -406,7 +404,7 @@ async fn subscriber<S: AsyncRead + AsyncWrite>(
                 }
                 let mut fresh = 0u64;
                 let mut finished = false;
-                let closed = decode_all(conn, &mut head, rng, |seq| {
+                let closed = decode_all(conn, &mut head, |seq| {
                     let Some(seq) = seq else { return };
                     if seq & PROBE != 0 {
                         if !check.joined {
@@ -441,11 +439,10 @@ async fn publisher<S: AsyncRead + AsyncWrite>(
     plan: &super::client::Plan,
     shared: &Shared,
     mut phase: watch::Receiver<Phase>,
-    rng: &mut Rng,
 ) -> Result<(), String> {
     let chat = &shared.chat;
     if !wait_running(&mut phase).await {
-        return conn.close(rng).await;
+        return conn.close().await;
     }
     let window = plan.opts.pipeline as u64;
     let subscribers = chat.subscribers.load(Ordering::Relaxed);
@@ -493,7 +490,7 @@ async fn publisher<S: AsyncRead + AsyncWrite>(
                         true,
                         plan.opcode,
                         &payload,
-                        Some(rng.mask()),
+                        Some(random_mask()),
                     );
                     next += 1;
                 }
@@ -504,7 +501,7 @@ async fn publisher<S: AsyncRead + AsyncWrite>(
             biased;
             r = phase.changed() => {
                 if r.is_err() || *phase.borrow() == Phase::Stop {
-                    return conn.close(rng).await;
+                    return conn.close().await;
                 }
             }
             () = chat.progress.notified() => {}
@@ -517,7 +514,7 @@ async fn publisher<S: AsyncRead + AsyncWrite>(
                     return Err("the server closed the TCP connection".into());
                 }
                 let mut copies = 0;
-                let closed = decode_all(conn, &mut head, rng, |seq| {
+                let closed = decode_all(conn, &mut head, |seq| {
                     if let Some(seq) = seq {
                         if seq & PROBE != 0 {
                             if probe_out.is_some_and(|(p, _)| p == seq & !PROBE) {
@@ -540,7 +537,7 @@ async fn publisher<S: AsyncRead + AsyncWrite>(
                     probe_out = Some((probe, Instant::now()));
                     probe += 1;
                     frame::encode_frame(
-                        &mut conn.out, true, plan.opcode, &payload, Some(rng.mask()),
+                        &mut conn.out, true, plan.opcode, &payload, Some(random_mask()),
                     );
                 }
             }
@@ -565,7 +562,6 @@ async fn stalled<S: AsyncRead + AsyncWrite>(
     }
     let mut messages = 0u64;
     let mut head = Head::default();
-    let mut rng = Rng::new(0);
     let mut close = None;
     let mut ended = false;
     let deadline = tokio::time::Instant::now() + STALLED_READ_LIMIT;
@@ -584,7 +580,7 @@ async fn stalled<S: AsyncRead + AsyncWrite>(
             }
             Ok(Ok(_)) => {}
         }
-        match decode_all(conn, &mut head, &mut rng, |_| messages += 1) {
+        match decode_all(conn, &mut head, |_| messages += 1) {
             Ok(Some(code)) => {
                 close = Some(code.unwrap_or(0));
                 break;

@@ -411,7 +411,7 @@ async fn drive(
             *b = b'a' + (i % 26) as u8;
         }
     } else {
-        client::Rng::new(u64::MAX).fill(&mut payload);
+        lightws_proto::mask::fill_random(&mut payload);
     }
     let plan = Arc::new(client::Plan {
         sources: source_addresses(&opts, addr),
