@@ -130,6 +130,8 @@ pub struct Backpressure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fanned {
     Queued,
+    /// Queued into an empty queue: the connection's task must be woken.
+    QueuedWake,
     /// Over `max_backpressure` with `on_backpressure="drop"`.
     Dropped,
     /// Over `max_backpressure` with `on_backpressure="close"`: closing with 1013.
@@ -188,6 +190,19 @@ impl ConnShared {
     /// Queue a frame shared with other connections (a publish or a broadcast), applying
     /// the slow-consumer policy if given. Never waits.
     pub fn push_shared(&self, frame: Bytes, policy: Option<Backpressure>) -> Fanned {
+        let r = self.push_shared_deferred(frame, policy);
+        if r == Fanned::QueuedWake {
+            self.waker.wake();
+            return Fanned::Queued;
+        }
+        r
+    }
+
+    /// Like [`ConnShared::push_shared`], but a connection whose task must be woken is
+    /// returned as [`Fanned::QueuedWake`] for the caller to wake later: the fan-out
+    /// task queues a whole batch of publishes before waking anyone, so each
+    /// connection writes them in one writev instead of one frame per wake-up.
+    pub fn push_shared_deferred(&self, frame: Bytes, policy: Option<Backpressure>) -> Fanned {
         let len = frame.len();
         let mut ob = self.outbox.lock();
         if ob.closed || ob.closing || ob.overflow {
@@ -211,11 +226,11 @@ impl ConnShared {
             ob.queue.push_chunk(frame);
         }
         self.unsent.fetch_add(len, Ordering::Relaxed);
-        drop(ob);
         if wake {
-            self.waker.wake();
+            Fanned::QueuedWake
+        } else {
+            Fanned::Queued
         }
-        Fanned::Queued
     }
 
     /// Queue a frame of this connection's own that took the fan-out route (fenced).

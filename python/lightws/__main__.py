@@ -250,7 +250,7 @@ def _parser() -> argparse.ArgumentParser:
         "See docs/deploy.md.",
     )
     _workers.add_arguments(serve)
-    bench = sub.add_parser("bench", help="load generator: echo, rate and idle loads")
+    bench = sub.add_parser("bench", help="load generator: echo, rate, idle and chat loads")
     _bench.add_arguments(bench)
     return p
 

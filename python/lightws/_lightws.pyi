@@ -182,8 +182,9 @@ def run_bench(
     text: bool = False,
     progress: bool = True,
     threads: int = 1,
+    stalled: int = 0,
 ) -> dict[str, Any] | None:
-    """Run the load generator (``mode`` echo/rate/idle) and return its report, or serve
+    """Run the load generator (``mode`` echo/rate/idle/chat) and return its report, or serve
     the floor echo server (``mode="floor-server"``, ``url`` = host:port) until interrupted.
 
     Exists only in extensions built with the ``loadgen`` cargo feature (off by default;

@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
-use super::{mono_ns, Mode, Options, Phase, Shared};
+use super::{chat, mono_ns, Mode, Options, Phase, Shared};
 use lightws_proto::frame::{self, close_code, Decoder, Event, OpCode, Role};
 use lightws_proto::handshake::client::{self as hs, ResponseError};
 use lightws_proto::mask::random_mask;
@@ -177,6 +177,11 @@ async fn connect_tcp(plan: &Plan, index: usize) -> io::Result<TcpStream> {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
+    if plan.opts.mode == Mode::Chat && chat::role(&plan.opts, index) == chat::Role::Stalled {
+        // A never-reading client advertises a small window, so the server's own
+        // buffering, not the kernel's, holds what it cannot send.
+        socket.set_recv_buffer_size(chat::STALLED_RCVBUF)?;
+    }
     if !plan.sources.is_empty() {
         let src = plan.sources[index % plan.sources.len()];
         // Let connect() pick the port, so that the 4-tuple, not the source
@@ -297,6 +302,12 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
     .await
     .map_err(|_| "opening handshake timed out".to_string())??;
     drop(permit);
+    let role = chat::role(&plan.opts, index);
+    if plan.opts.mode == Mode::Chat {
+        // Counted before `opened`, so the controller sees the final count once every
+        // connection is open.
+        shared.chat.opened(role);
+    }
     shared.opened.fetch_add(1, Ordering::Relaxed);
     shared.open.fetch_add(1, Ordering::Relaxed);
     let mut conn = Conn::new(stream, leftover);
@@ -304,6 +315,7 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
         Mode::Echo => conn.echo(plan, shared, phase).await,
         Mode::Rate => conn.rate(plan, shared, index, phase).await,
         Mode::Idle => conn.idle(phase).await,
+        Mode::Chat => chat::run(&mut conn, role, plan, shared, phase).await,
     };
     shared.open.fetch_sub(1, Ordering::Relaxed);
     result
@@ -321,16 +333,18 @@ struct Received {
 }
 
 /// One established WebSocket connection (client role).
-struct Conn<S> {
-    rd: tokio::io::ReadHalf<S>,
-    wr: tokio::io::WriteHalf<S>,
-    inbuf: Vec<u8>,
+pub(crate) struct Conn<S> {
+    pub(crate) rd: tokio::io::ReadHalf<S>,
+    pub(crate) wr: tokio::io::WriteHalf<S>,
+    pub(crate) inbuf: Vec<u8>,
     /// Encoded frames not yet written, from `out_pos` on.
-    out: Vec<u8>,
-    out_pos: usize,
-    dec: Decoder,
+    pub(crate) out: Vec<u8>,
+    pub(crate) out_pos: usize,
+    pub(crate) dec: Decoder,
     /// Payload bytes of the message being received.
-    msg_len: u64,
+    pub(crate) msg_len: u64,
+    /// Bytes asked of the socket per read.
+    pub(crate) chunk: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite> Conn<S> {
@@ -344,15 +358,16 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
             out_pos: 0,
             dec: Decoder::new(Role::Client, None),
             msg_len: 0,
+            chunk: READ_CHUNK,
         }
     }
 
-    fn pending(&self) -> bool {
+    pub(crate) fn pending(&self) -> bool {
         self.out_pos < self.out.len()
     }
 
     /// Account for `n` written bytes.
-    fn wrote(&mut self, n: usize) {
+    pub(crate) fn wrote(&mut self, n: usize) {
         self.out_pos += n;
         if self.out_pos == self.out.len() {
             self.out.clear();
@@ -361,9 +376,9 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
     }
 
     /// Make room for the next read.
-    fn reserve(&mut self) {
-        if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK / 4 {
-            self.inbuf.reserve(READ_CHUNK);
+    pub(crate) fn reserve(&mut self) {
+        if self.inbuf.capacity() - self.inbuf.len() < self.chunk / 4 {
+            self.inbuf.reserve(self.chunk);
         }
     }
 
@@ -415,7 +430,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
 
     /// Queue our close frame, then keep reading (and discarding) until the
     /// server's close frame or EOF, writing whatever is still queued.
-    async fn close(&mut self) -> Result<(), String> {
+    pub(crate) async fn close(&mut self) -> Result<(), String> {
         let payload = frame::close_payload(Some(close_code::NORMAL_CLOSURE), "");
         frame::encode_frame(
             &mut self.out,
@@ -634,7 +649,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
 }
 
 /// Wait for [`Phase::Run`]; `false` if the run stopped first.
-async fn wait_running(phase: &mut watch::Receiver<Phase>) -> bool {
+pub(crate) async fn wait_running(phase: &mut watch::Receiver<Phase>) -> bool {
     wait_start(phase).await.is_some()
 }
 
