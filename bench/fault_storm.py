@@ -71,8 +71,9 @@ SERVER_SCRIPT = HERE / "storm_server.py"
 if str(HERE.parent / "tests") not in sys.path:
     sys.path.append(str(HERE.parent / "tests"))
 
-import rawws  # noqa: E402 - frame encoding and the upgrade request, shared with the tests
-from rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, build_frame  # noqa: E402
+# Frame encoding and the upgrade request, shared with the tests (tests/support/rawws.py).
+from support import rawws  # noqa: E402
+from support.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, build_frame  # noqa: E402
 
 #: The watchdog's bound: the event loop must answer every probe within this (seconds).
 STALL_BOUND = 1.0
@@ -111,6 +112,7 @@ class ServerProcess:
         app: str = "storm",
         loop: str = "asyncio",
         write_limit: int = 64 * 1024,
+        pubsub: str | None = None,
         compression: bool = False,
     ) -> None:
         self.workdir = workdir
@@ -120,6 +122,8 @@ class ServerProcess:
         self._stderr = open(self.stderr_path, "w")
         cmd = [sys.executable, str(SERVER_SCRIPT), "--app", app, "--loop", loop]
         cmd += ["--write-limit", str(write_limit), "--dump-file", str(self.dump_path)]
+        if pubsub:
+            cmd += ["--pubsub", pubsub]
         if compression:
             cmd.append("--compression")
         self.proc = subprocess.Popen(
@@ -933,8 +937,8 @@ class Client:
             self.fault("clean_stream/writer")
             ev = await peer.read_until(lambda e: e.kind in ("message", "close"), WAIT + 10)
             if ev is None or ev.kind != "message" or len(ev.payload) != n * size:
-                got = None if ev is None else (ev.kind, len(ev.payload))
-                self.storm.fail(f"writer of {n} x {size} B arrived as {got}")
+                arrived = None if ev is None else (ev.kind, len(ev.payload))
+                self.storm.fail(f"writer of {n} x {size} B arrived as {arrived}")
                 peer.rst()
                 return
             self.storm.echoed += 1
@@ -1070,6 +1074,9 @@ class StormOptions:
     #: Bound on the number of clients.
     max_clients: int = 100_000
     write_limit: int = 64 * 1024
+    #: A Redis URL: the server relays its publishes through it (Config.pubsub), so the
+    #: pubsub mode also drives the relay's publish and subscribe paths.
+    pubsub: str | None = None
     #: Watchdog period.
     probe_interval: float = 0.2
     #: A probe unanswered this long means the loop is frozen: stop, dump, fail.
@@ -1281,7 +1288,8 @@ class Storm:
         everyone = asyncio.gather(*workers)
         # Workers end by themselves after the deadline (every scenario is capped); the
         # watchdog's freeze ends the storm at once.
-        await asyncio.wait([everyone, watch], return_when=asyncio.FIRST_COMPLETED)
+        waits: list[asyncio.Future[Any]] = [everyone, watch]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         others = [watch, *([progress] if progress else [])]
         for t in [*workers, *others]:
             t.cancel()
@@ -1311,7 +1319,8 @@ async def echo_check(port: int) -> str | None:
         async with connect(
             f"ws://127.0.0.1:{port}/?mode=echo", open_timeout=WAIT, close_timeout=WAIT
         ) as ws:
-            for msg in ["after the storm", os.urandom(100_000)]:
+            messages: list[str | bytes] = ["after the storm", os.urandom(100_000)]
+            for msg in messages:
                 await ws.send(msg)
                 got = await asyncio.wait_for(ws.recv(), WAIT)
                 if got != msg:
@@ -1366,7 +1375,11 @@ def run_storm(opts: StormOptions) -> StormReport:
         workdir.mkdir(parents=True, exist_ok=True)
     report.workdir = str(workdir)
     server = ServerProcess(
-        workdir, loop=opts.loop, write_limit=opts.write_limit, compression=opts.compression
+        workdir,
+        loop=opts.loop,
+        write_limit=opts.write_limit,
+        pubsub=opts.pubsub,
+        compression=opts.compression,
     )
     prober = Prober(server.port, opts.probe_interval, opts.freeze_after)
     started = time.monotonic()

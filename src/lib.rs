@@ -5,7 +5,8 @@
 //! `lightws-proto` crate (crates/lightws-proto); `session` holds one connection's
 //! protocol rules (sans I/O) and `conn` drives it on tokio; `shared` is what a
 //! connection's task and its Python object share; `server` owns the listener and TLS;
-//! `hub` carries events from tokio to the asyncio loop; `bridge` is the Python-facing
+//! `hub` carries events from tokio to the asyncio loop; `relay` is the Redis
+//! backplane of `fanout` (Config.pubsub); `bridge` is the Python-facing
 //! side; `bench` (only with the `loadgen` feature) exposes the load generator of
 //! crates/lightws-loadgen. This file only registers the Python classes.
 
@@ -13,15 +14,17 @@
 // build without tokio and pyo3). Re-exported under their old names so that
 // `crate::frame::...`, `crate::handshake::...` and `crate::security::...` keep
 // working in this crate, including code written before the move.
-pub use lightws_proto::{deflate, frame, handshake, outq, security, session};
+pub use lightws_proto::{deflate, frame, handshake, mask, outq, security, session};
 
 #[cfg(feature = "loadgen")]
 pub mod bench;
 pub mod bridge;
+pub mod client;
 pub mod conn;
 pub mod fanout;
 pub mod hub;
 pub mod lockcheck;
+pub mod relay;
 pub mod server;
 pub mod shared;
 pub mod stats;
@@ -36,6 +39,11 @@ fn _lightws(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bridge::Message>()?;
     m.add_class::<bridge::Op>()?;
     m.add_function(wrap_pyfunction!(bridge::broadcast, m)?)?;
+    // The client role (python/lightws/client.py, bridge/client.rs).
+    m.add_function(wrap_pyfunction!(bridge::client_core, m)?)?;
+    m.add_function(wrap_pyfunction!(bridge::client_connect, m)?)?;
+    m.add_function(wrap_pyfunction!(bridge::client_cancel, m)?)?;
+    m.add_function(wrap_pyfunction!(bridge::client_abandon, m)?)?;
     // The load generator is test tooling: registered only in builds with the
     // `loadgen` feature (`python -m lightws bench` explains how to get it).
     #[cfg(feature = "loadgen")]

@@ -16,7 +16,7 @@ use futures_util::task::AtomicWaker;
 use tokio::sync::oneshot;
 
 use crate::deflate::{DeflateConfig, DeflateParams};
-use crate::frame::OpCode;
+use crate::frame::{OpCode, Role};
 use crate::handshake;
 use crate::hub::Hub;
 use crate::lockcheck::ConnMutex;
@@ -42,6 +42,18 @@ pub struct ConnConfig {
     pub io_statistics: bool,
     /// `Config.compression`: permessage-deflate offered to clients (None: off).
     pub deflate: Option<DeflateConfig>,
+}
+
+impl ConnConfig {
+    /// The masking key for the next frame this end encodes: none for the server, a
+    /// fresh unpredictable one in the client role (RFC 6455 5.3, 10.3).
+    #[inline]
+    pub fn mask(&self) -> Option<[u8; 4]> {
+        match self.session.role {
+            Role::Server => None,
+            Role::Client => Some(crate::mask::random_mask()),
+        }
+    }
 }
 
 /// A complete message (or, for a streamed message, one chunk of it) waiting for Python.
@@ -73,7 +85,8 @@ pub struct Outbox {
     pub queue: OutQueue,
     /// Shared frames that arrived while a fragmented message was going out: they go in
     /// right after its final frame (RFC 6455 5.4: no data frame between fragments).
-    pub held: OutQueue,
+    /// (Boxed on first use: an idle connection pays one pointer for it.)
+    pub held: Option<Box<OutQueue>>,
     /// A fragmented message is going out: its first frame is queued, its final one not.
     pub fragmenting: bool,
     /// A `send()` is waiting for `queue` to be taken (it was over `write_limit`).
@@ -90,6 +103,11 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// Bytes held behind a fragmented message.
+    pub fn held_len(&self) -> usize {
+        self.held.as_ref().map_or(0, |h| h.len())
+    }
+
     /// Follow the fragmentation state from the first byte of a data frame queued for
     /// this connection; when a fragmented message ends, the frames held meanwhile go
     /// right after it.
@@ -100,8 +118,9 @@ impl Outbox {
             self.fragmenting = true;
         } else if opcode == OpCode::Continuation.as_u8() && fin && self.fragmenting {
             self.fragmenting = false;
-            let mut held = std::mem::take(&mut self.held);
-            self.queue.append(&mut held);
+            if let Some(mut held) = self.held.take() {
+                self.queue.append(&mut held);
+            }
         }
     }
 }
@@ -142,6 +161,8 @@ pub struct Backpressure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fanned {
     Queued,
+    /// Queued into an empty queue: the connection's task must be woken.
+    QueuedWake,
     /// Over `max_backpressure` with `on_backpressure="drop"`.
     Dropped,
     /// Over `max_backpressure` with `on_backpressure="close"`: closing with 1013.
@@ -221,6 +242,19 @@ impl ConnShared {
     /// a message whose payload is shared and that this connection's session compresses
     /// (permessage-deflate with context takeover: its own window).
     pub fn push_shared_item(&self, item: SharedItem, policy: Option<Backpressure>) -> Fanned {
+        let r = self.push_shared_deferred(item, policy);
+        if r == Fanned::QueuedWake {
+            self.waker.wake();
+            return Fanned::Queued;
+        }
+        r
+    }
+
+    /// Like [`ConnShared::push_shared_item`], but a connection whose task must be woken
+    /// is returned as [`Fanned::QueuedWake`] for the caller to wake later: the fan-out
+    /// task queues a whole batch of publishes before waking anyone, so each
+    /// connection writes them in one writev instead of one frame per wake-up.
+    pub fn push_shared_deferred(&self, item: SharedItem, policy: Option<Backpressure>) -> Fanned {
         let len = item.len();
         let mut ob = self.outbox.lock();
         if ob.closed || ob.closing || ob.overflow {
@@ -238,8 +272,8 @@ impl ConnShared {
             }
         }
         let wake = ob.queue.is_empty() && !ob.fragmenting;
-        let q = if ob.fragmenting {
-            &mut ob.held
+        let q: &mut OutQueue = if ob.fragmenting {
+            ob.held.get_or_insert_with(Default::default)
         } else {
             &mut ob.queue
         };
@@ -248,11 +282,11 @@ impl ConnShared {
             SharedItem::Compress(op, data) => q.push_compress(op, data),
         }
         self.unsent.fetch_add(len, Ordering::Relaxed);
-        drop(ob);
         if wake {
-            self.waker.wake();
+            Fanned::QueuedWake
+        } else {
+            Fanned::Queued
         }
-        Fanned::Queued
     }
 
     /// Queue a frame of this connection's own that took the fan-out route (fenced).
@@ -329,7 +363,7 @@ impl Drop for ClosedGuard {
             let mut outbox = self.shared.outbox.lock();
             outbox.closed = true;
             outbox.queue.clear();
-            outbox.held.clear();
+            outbox.held = None;
         }
         self.shared.hub.push(Event::Closed(self.shared.id));
     }
@@ -377,4 +411,54 @@ pub enum Event {
     /// The connection's task ended; the socket is closed.
     Closed(u64),
     Log(Box<LogEvent>),
+    /// A client connection opened, or could not be (client.rs, `lightws.connect`).
+    Connected(Box<ConnectEvent>),
+}
+
+// -- the client role (client.rs, bridge/client.rs) -------------------------------------
+// Here rather than in client.rs because `Event` carries them and client.rs uses
+// `ConnShared`: no module cycle.
+
+/// The outcome of one `lightws.connect` attempt, for the loop thread.
+pub struct ConnectEvent {
+    /// Which pending connect this answers.
+    pub token: u64,
+    pub result: Result<Connected, ConnectError>,
+}
+
+/// A client connection past its opening handshake; its driver is running.
+pub struct Connected {
+    pub shared: Arc<ConnShared>,
+    /// The subprotocol the server chose (one we offered).
+    pub subprotocol: Option<String>,
+    /// The server's 101: status, reason phrase, headers.
+    pub response: handshake::client::Response,
+    /// The request we sent (for `conn.request`).
+    pub request: handshake::Request,
+}
+
+/// Why a `lightws.connect` attempt failed; bridge/client.rs turns it into the Python
+/// exception.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The server answered something other than 101 (`InvalidHandshake` with status).
+    Refused {
+        response: handshake::client::Response,
+        body: Vec<u8>,
+    },
+    /// The answer breaks RFC 6455 4.1, or is not HTTP at all (`InvalidHandshake`).
+    Invalid {
+        message: String,
+        response: Option<handshake::client::Response>,
+    },
+    /// The host name could not be resolved (`socket.gaierror`).
+    Resolve(String),
+    /// TCP or the socket failed (`OSError`, by errno: `ConnectionRefusedError`, ...).
+    Io { errno: Option<i32>, message: String },
+    /// The server's certificate was not accepted (`ssl.SSLCertVerificationError`).
+    Certificate(String),
+    /// Any other TLS failure (`ssl.SSLError`).
+    Tls(String),
+    /// `open_timeout` passed (`TimeoutError`).
+    Timeout(String),
 }

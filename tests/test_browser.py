@@ -1,8 +1,9 @@
 """A real browser against ``python -m lightws echo``: headless Chromium loads the echo
 demo page (served by the same port through ``http_fallback``), the test drives the page
 through the Chrome DevTools Protocol (over a WebSocket, with the websockets client) and
-reads the echoed messages back from the page's DOM. And a page from one origin trying a
-server that allows only another (``Config.origins``, cross-site WebSocket hijacking).
+reads the echoed messages back from the page's DOM. The chat page against ``python -m
+lightws chat``, in one room with a websockets client. And a page from one origin trying
+a server that allows only another (``Config.origins``, cross-site WebSocket hijacking).
 
 Skipped only when no Chromium binary is installed or it cannot start; ``.ci/run``
 installs Debian's ``chromium``.
@@ -14,11 +15,8 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,8 @@ from typing import Any
 import lightws
 import pytest
 import trustme
-from conftest import echo_handler, serve
-from test_demos import Demo, start_demo
+from support import Process, echo_handler, eventually, serve
+from support.demos import Demo, recv_json, start_demo
 from websockets.asyncio.client import ClientConnection, connect
 
 pytestmark = pytest.mark.asyncio_loop_only  # server and browser run in their own processes
@@ -95,13 +93,15 @@ class DevTools:
             "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
         )
         session: str = attached["sessionId"]
-        for _ in range(200):
+
+        async def loaded() -> bool:
             with contextlib.suppress(RuntimeError, AssertionError):  # navigation in flight
                 state = await self.evaluate(session, "location.href + ' ' + document.readyState")
-                if state == f"{url} complete":
-                    return session
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{url} did not load")
+                return bool(state == f"{url} complete")
+            return False
+
+        await eventually(loaded, 20, f"{url} loading")
+        return session
 
     async def close(self) -> None:
         self._reader.cancel()
@@ -114,42 +114,31 @@ async def chromium(tmp_path: Path, *flags: str) -> AsyncIterator[DevTools]:
     if CHROMIUM is None:
         pytest.skip("no chromium binary on PATH (.ci/run installs Debian's chromium)")
     profile = tmp_path / "profile"
-    log = tmp_path / "chromium.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",  # CI runs as root, where the sandbox cannot start
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--remote-debugging-address=127.0.0.1",
-                "--remote-debugging-port=0",
-                f"--user-data-dir={profile}",
-                *flags,
-                "about:blank",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,  # its helper processes share our kill below
-        )
+    proc = Process(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",  # CI runs as root, where the sandbox cannot start
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            *flags,
+            "about:blank",
+        ],
+        new_session=True,  # its helper processes share the group stop() signals
+    )
     try:
-        url = None
-        for _ in range(300):
-            match = re.search(rb"DevTools listening on (ws://\S+)", log.read_bytes())
-            if match:
-                url = match.group(1).decode()
-                break
-            if proc.poll() is not None:
-                break
-            await asyncio.sleep(0.1)
-        if url is None:
-            tail = log.read_bytes()[-2000:].decode(errors="replace")
-            pytest.skip(f"chromium could not be launched: {tail}")
-        async with connect(url, max_size=None) as ws:
+        try:
+            line = await proc.aread_until("DevTools listening on", 30)
+        except AssertionError as exc:
+            pytest.skip(f"chromium could not be launched: {str(exc)[-2000:]}")
+        match = re.search(r"DevTools listening on (ws://\S+)", line)
+        assert match, line
+        async with connect(match.group(1), max_size=None) as ws:
             devtools = DevTools(ws)
             try:
                 yield devtools
@@ -158,9 +147,7 @@ async def chromium(tmp_path: Path, *flags: str) -> AsyncIterator[DevTools]:
                     await asyncio.wait_for(devtools.call("Browser.close"), 5)
                 await devtools.close()
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        await proc.astop(grace=5)
 
 
 # Drives the echo page the way a person would: type, click, wait for the answer.
@@ -244,6 +231,100 @@ async def test_browser_echoes_over_wss(tmp_path: Path) -> None:
     finally:
         await demo.stop()
     assert got == [["text", "secure"], ["binary", hex_bytes(b"secure")]]
+
+
+# Helpers for the chat page, prepended to each script below.
+CHAT_HELPERS = """
+const $ = (id) => document.getElementById(id);
+const until = async (what, cond) => {
+  for (let i = 0; i < 400; i++) {
+    if (cond()) return;
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+  throw new Error("timed out waiting for " + what + "; status: " + $("status").textContent);
+};
+const lines = () => Array.from($("log").children, (li) => li.dataset.type + " " + li.textContent);
+"""
+
+
+def chat_script(body: str, **values: Any) -> str:
+    """An async script for the chat page: ``body`` after the helpers, each ``NAME`` in it
+    replaced by ``values[NAME]`` as JSON."""
+    for name, value in values.items():
+        body = body.replace(name, json.dumps(value))
+    return f"(async () => {{{CHAT_HELPERS}{body}}})()"
+
+
+# Wait until the page is in its room and shows COUNT members.
+CHAT_JOINED = """
+await until("the join", () => $("status").dataset.state === "joined");
+await until(COUNT + " members", () => $("members").dataset.count === String(COUNT));
+return $("status").textContent;
+"""
+
+# Type TEXT, press Send, wait until the server relayed it back to the page.
+CHAT_SAY = """
+const before = lines().length;
+$("text").value = TEXT;
+$("send").click();
+const relayed = () => lines().slice(before).some((l) => l.startsWith("message "));
+await until("the relayed message", relayed);
+return {said: lines().slice(before), input: $("text").value};
+"""
+
+# Wait until the page shows a message from WHO.
+CHAT_SHOWN = """
+const from = (l) => l.startsWith("message " + WHO + ": ");
+await until("a message from " + WHO, () => lines().some(from));
+return {lines: lines(), members: $("members").textContent};
+"""
+
+
+async def test_browser_chat_page_and_a_websockets_client_in_one_room(tmp_path: Path) -> None:
+    demo = await start_demo("chat")
+    ws = f"ws://127.0.0.1:{demo.port}"
+    try:
+        async with chromium(tmp_path) as browser:
+            session = await browser.open_page(f"http://127.0.0.1:{demo.port}/?room=r1&name=page")
+            # The page names itself in its first message.
+            status = await browser.evaluate(session, chat_script(CHAT_JOINED, COUNT=1))
+            assert status == "in r1 as page"
+            async with (
+                connect(ws + "/?room=r1&name=bot") as bot,
+                connect(ws + "/?room=r2&name=out") as outsider,
+            ):
+                assert await recv_json(bot) == {
+                    "type": "join",
+                    "room": "r1",
+                    "name": "bot",
+                    "members": 2,
+                }
+                assert (await recv_json(outsider))["members"] == 1
+                await browser.evaluate(session, chat_script(CHAT_JOINED, COUNT=2))
+                said = await browser.evaluate(
+                    session, chat_script(CHAT_SAY, TEXT="héllo from the page")
+                )
+                assert said == {"said": ["message page: héllo from the page"], "input": ""}
+                assert await recv_json(bot) == {
+                    "type": "message",
+                    "room": "r1",
+                    "name": "page",
+                    "text": "héllo from the page",
+                }
+                # And the other way: the page shows what the client said in the room.
+                await bot.send(json.dumps({"type": "message", "text": "hi <b>page</b>"}))
+                shown = await browser.evaluate(session, chat_script(CHAT_SHOWN, WHO="bot"))
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(outsider.recv(), 0.3)  # another room
+    finally:
+        await demo.stop()
+    assert shown["members"] == "2"
+    assert shown["lines"] == [
+        "join page joined (1 here)",
+        "join bot joined (2 here)",
+        "message page: héllo from the page",
+        "message bot: hi <b>page</b>",  # shown as text, not markup
+    ]
 
 
 # Opens a WebSocket to each URL in turn from the page and reports what the page can see:

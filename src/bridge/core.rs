@@ -8,20 +8,22 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use tokio::sync::watch;
 
 use super::api::api;
+use super::client::{self as client, ClientState};
 use super::config::{build_config, tune_malloc};
 use super::connection::{raw_headers, Connection, PyState};
 use super::errors::tls_err;
 use super::message::data_frame;
 use crate::fanout::Fanout;
-use crate::frame::OpCode;
+use crate::frame::{OpCode, Role};
 use crate::lockcheck::ConnMutex;
+use crate::relay::Relay;
 use crate::security::IpLimiter;
 use crate::server::{self, ServerShared};
 use crate::session::LogLevel;
@@ -33,19 +35,22 @@ use crate::tls::{self, CertStore};
 /// and the hub, and dispatches hub events on the loop thread.
 #[pyclass(module = "lightws._lightws", frozen)]
 pub struct Core {
-    srv: Arc<ServerShared>,
-    hub: Arc<EventHub>,
+    pub(super) srv: Arc<ServerShared>,
+    pub(super) hub: Arc<EventHub>,
     pub(super) event_loop: Py<PyAny>,
     /// Topics, publish and the fan-out task (fanout.rs).
     pub(super) fanout: Arc<Fanout>,
-    /// The `lightws.Server` this is the native half of (`conn.server`).
+    /// The `lightws.Server` this is the native half of (`conn.server`); None for a
+    /// client core.
     pub(super) server: Py<PyAny>,
-    dispatch: Py<PyAny>,
-    log: Py<PyAny>,
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
-    conns: Mutex<HashMap<u64, Py<Connection>>>,
-    stop: Mutex<Option<watch::Sender<bool>>>,
-    local: Mutex<Option<(SocketAddr, i32)>>,
+    pub(super) dispatch: Py<PyAny>,
+    pub(super) log: Py<PyAny>,
+    pub(super) runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    pub(super) conns: Mutex<HashMap<u64, Py<Connection>>>,
+    pub(super) stop: Mutex<Option<watch::Sender<bool>>>,
+    pub(super) local: Mutex<Option<(SocketAddr, i32)>>,
+    /// Some for the client core of an event loop (bridge/client.rs, `lightws.connect`).
+    pub(super) client: Option<ClientState>,
 }
 
 impl Core {
@@ -146,7 +151,11 @@ impl Core {
                 if let Some(c) = c {
                     c.get().on_closed(py)?;
                 }
+                if self.client.is_some() {
+                    client::notify_if_idle(py, self);
+                }
             }
+            Event::Connected(c) => client::on_connected(core, *c)?,
             Event::Handshake(h) => self.on_handshake(core, *h)?,
             Event::Log(l) => self.emit_log(py, l.level, l.conn, &l.msg),
         }
@@ -180,7 +189,14 @@ impl Core {
             }
             _ => None,
         };
-        let fanout = Arc::new(Fanout::new(cfg.backpressure));
+        let relay = cfg
+            .pubsub
+            .as_deref()
+            .map(Relay::new)
+            .transpose()
+            .map_err(PyValueError::new_err)?
+            .map(Arc::new);
+        let fanout = Arc::new(Fanout::new(cfg.backpressure, relay));
         let srv = Arc::new(ServerShared {
             per_ip: IpLimiter::new(cfg.max_connections_per_ip),
             cfg,
@@ -200,6 +216,7 @@ impl Core {
             conns: Mutex::new(HashMap::new()),
             stop: Mutex::new(None),
             local: Mutex::new(None),
+            client: None,
         })
     }
 
@@ -226,6 +243,12 @@ impl Core {
             .enable_all()
             .build()
             .map_err(|e| PyOSError::new_err(format!("cannot start the I/O runtime: {e}")))?;
+        // The backplane before anything is accepted: unreachable Redis fails start().
+        if let Some(relay) = self.fanout.relay() {
+            let (fanout, srv) = (self.fanout.clone(), srv.clone());
+            py.detach(|| relay.start(&rt, fanout, srv))
+                .map_err(PyOSError::new_err)?;
+        }
         let (tx, rx) = watch::channel(false);
         let fd = {
             use std::os::fd::AsRawFd;
@@ -412,6 +435,16 @@ impl Core {
             "backpressure_closes",
             self.fanout.backpressure_closes.load(Ordering::Relaxed),
         )?;
+        let relay = self.fanout.relay();
+        d.set_item("pubsub", relay.map(|r| r.state()))?;
+        for (name, n) in [
+            ("relay_errors", relay.map(|r| &r.relay_errors)),
+            ("unrelayed", relay.map(|r| &r.unrelayed)),
+            ("relayed", relay.map(|r| &r.relayed)),
+            ("relay_received", relay.map(|r| &r.received)),
+        ] {
+            d.set_item(name, n.map_or(0, |n| n.load(Ordering::Relaxed)))?;
+        }
         d.set_item("topics", self.fanout.topics())?;
         d.set_item("subscriptions", self.fanout.subscriptions())?;
         d.set_item("rates", rates)?;
@@ -445,10 +478,15 @@ pub fn broadcast(connections: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> 
         }
         // Behind this connection's own frames on the fan-out route, if any (send.rs).
         let fanout = &c.core.get().fanout;
+        let frame = match c.shared.cfg.session.role {
+            Role::Server => frame.clone(),
+            // A client connection's frames are masked, each with its own key.
+            Role::Client => client::masked_copy(&frame),
+        };
         let queued = if c.fenced() {
-            fanout.send_shared(&c.shared, frame.clone())
+            fanout.send_shared(&c.shared, frame)
         } else {
-            fanout.deliver(&c.shared, frame.clone())
+            fanout.deliver(&c.shared, frame)
         };
         count += usize::from(queued);
     }
