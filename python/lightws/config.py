@@ -38,8 +38,8 @@ class Deflate:
     """
 
     #: Largest window the server compresses with, 8-15 (a client may ask for less).
-    #: Bigger compresses repetitive traffic better and keeps ``2 ** bits`` bytes per
-    #: connection (with context takeover). Default 12 (4 KiB).
+    #: With context takeover a connection keeps at most 2 KiB of what it sent, whatever
+    #: the window. Default 12 (4 KiB).
     server_max_window_bits: int = 12
     #: Largest window the server asks clients to compress with (8-15), when their offer
     #: lets it ask (browsers' does); the server keeps ``2 ** bits`` bytes per connection

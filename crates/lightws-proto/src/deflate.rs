@@ -11,11 +11,14 @@
 //!
 //! Here a connection keeps, per direction, only what context takeover needs to carry
 //! from one message to the next: the last `2^window_bits` bytes of uncompressed data
-//! (4 KiB at window bits 12), allocated on the first compressed message and never with
-//! no context takeover in that direction. Each message is (de)compressed by a zlib
-//! state borrowed from a small per-thread cache, primed with that window as a preset
-//! dictionary (`deflateSetDictionary` / `inflateSetDictionary` on a raw stream) and
-//! reset afterwards. The stream the peer sees is the same as with a long-lived state:
+//! received (4 KiB at window bits 12; the peer may refer to all of it), and the last
+//! [`OUT_DICTIONARY`] bytes sent (we may refer back less than the window), allocated on
+//! the first compressed message and never with no context takeover in that direction.
+//! Each message is (de)compressed by a zlib state borrowed from a small per-thread pool,
+//! primed with that window as a preset dictionary (`deflateSetDictionary` /
+//! `inflateSetDictionary` on a raw stream) and reset before its next use; a deflater
+//! whose last user was a connection with context takeover continues that connection's
+//! stream as is when the same connection comes back first (a burst). The stream the peer sees is the same as with a long-lived state:
 //! each of our messages ends with a sync flush (byte-aligned, no BFINAL), so a fresh
 //! deflater that starts with a new block continues the peer's inflate stream, and the
 //! dictionary makes every back-reference the peer may use (at most the agreed window)
