@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import lightws
 import pytest
-from conftest import reporting_handshake, serve, url
-from rawws import BINARY, TEXT, RawWebSocket
+from support import reporting_handshake, serve, url
+from support.rawws import BINARY, TEXT, RawWebSocket
 from websockets.asyncio.client import connect
 
 TAIL = b"\x00\x00\xff\xff"
