@@ -24,12 +24,13 @@ Measured per server:
   ``--server-no-context-takeover --client-no-context-takeover``; websockets' factory
   with both; aiohttp agrees only to the server's);
 - **echo msgs/s**: the load generator (``python -m lightws bench --deflate``, Rust)
-  with 50 connections in a closed loop of 1 KiB JSON-like TEXT messages that differ
-  from one message to the next, compressed both ways with context takeover, best of
-  ``--repeat`` runs (on a 2-core machine the generator competes with the server);
+  with 50 and with 200 connections in a closed loop of 1 KiB JSON-like TEXT messages
+  that differ from one message to the next, compressed both ways with context
+  takeover, best of ``--repeat`` runs (on a 2-core machine the generator competes with
+  the server);
 - **server µs/msg** and **loop µs/msg**: CPU of the whole server process and of its
-  main (event-loop) thread per echoed message during that run (utime+stime from
-  /proc/PID/stat and /proc/PID/task/PID/stat).
+  main (event-loop) thread per echoed message during the 200-connection run
+  (utime+stime from /proc/PID/stat and /proc/PID/task/PID/stat).
 """
 
 from __future__ import annotations
@@ -257,11 +258,11 @@ def memory_slope(server: str, low: int, high: int, nct: bool, one_message: bool)
         return (mem_high - mem_low) / max(fds_high - fds_low, 1)
 
 
-def echo_rate(server: str, duration: float, repeat: int) -> dict[str, float]:
+def echo_rate(server: str, duration: float, repeat: int, conns: int) -> dict[str, float]:
     """The load generator (Rust: its own compression is cheap beside a Python client's)
-    in echo mode with --deflate: 50 connections, 1 KiB JSON-like TEXT messages that
-    differ from one to the next, compressed with context takeover both ways. Best of
-    ``repeat`` runs (the machine may be shared)."""
+    in echo mode with --deflate: ``conns`` connections, 1 KiB JSON-like TEXT messages
+    that differ from one to the next, compressed with context takeover both ways. Best
+    of ``repeat`` runs (the machine may be shared)."""
     best: dict[str, float] = {}
     for _ in range(repeat):
         with contextlib.ExitStack() as stack:
@@ -269,7 +270,7 @@ def echo_rate(server: str, duration: float, repeat: int) -> dict[str, float]:
             stack.callback(proc.stop)
             cpu0, loop0 = proc.cpu()
             cmd = [PY, "-m", "lightws", "bench", proc.url, "--json", "-q", "--deflate"]
-            cmd += ["-c", "50", "-s", "1024", "-d", str(duration), "--warmup", "1"]
+            cmd += ["-c", str(conns), "-s", "1024", "-d", str(duration), "--warmup", "1"]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
             if out.returncode != 0:
                 raise RuntimeError(f"load generator failed: {out.stderr.strip()[-2000:]}")
@@ -294,7 +295,8 @@ COLUMNS = [
     "idle KiB/conn",
     "1 msg KiB/conn (takeover)",
     "1 msg KiB/conn (no takeover)",
-    "echo msgs/s",
+    "echo msgs/s (50 conns)",
+    "echo msgs/s (200 conns)",
     "server µs/msg",
     "loop µs/msg",
 ]
@@ -323,14 +325,20 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:
                 res[col] = f"failed: {e}"[:80]
             print(f"{server}: {col} = {res[col]}", file=sys.stderr, flush=True)
-        try:
-            res.update(echo_rate(server, duration, args.repeat))
-        except Exception as e:
-            res["echo msgs/s"] = f"failed: {e}"[:80]
+        for conns in (50, 200):
+            col = f"echo msgs/s ({conns} conns)"
+            try:
+                r = echo_rate(server, duration, args.repeat, conns)
+                res[col] = r["echo msgs/s"]
+                if conns == 200:  # CPU per message where the server is busiest
+                    res["server µs/msg"] = r["server µs/msg"]
+                    res["loop µs/msg"] = r["loop µs/msg"]
+            except Exception as e:
+                res[col] = f"failed: {e}"[:80]
         print(f"{server}: {res}", file=sys.stderr, flush=True)
         results[server] = res
     base = results.get("lightws", {})
-    print(f"connections {low} -> {high}, echo {duration:g} s x 50 connections, 1 KiB JSON")
+    print(f"connections {low} -> {high}, echo {duration:g} s x 50 and 200 connections, 1 KiB JSON")
     print(f"load average before the echo runs: {os.getloadavg()[0]:.2f}")
     print("| server | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
