@@ -27,7 +27,7 @@ HandshakeFunc = Callable[
 ]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Deflate:
     """permessage-deflate (RFC 7692) for :attr:`Config.compression`. Keyword-only.
 

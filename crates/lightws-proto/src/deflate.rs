@@ -1232,3 +1232,71 @@ mod timing_dict {
         }
     }
 }
+
+#[cfg(test)]
+mod props {
+    //! The fuzz target's contract (fuzz/fuzz_targets/inflate.rs) as a property test, so
+    //! `cargo test` checks it on every run: arbitrary input inflates to output or a
+    //! documented error, never more than the limit; valid input round-trips.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_input_inflates_or_fails_within_the_limit(
+            bits in 8u8..=15,
+            no_takeover in any::<bool>(),
+            limit in 0usize..70_000,
+            chunk in 1usize..300,
+            messages in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 1..4),
+        ) {
+            let dir = Direction { window_bits: bits, no_context_takeover: no_takeover };
+            let mut d = Decompressor::new(dir);
+            for m in &messages {
+                let mut out = Vec::new();
+                let mut r = Ok(());
+                for piece in m.chunks(chunk) {
+                    let room = limit - out.len();
+                    r = d.inflate(piece, &mut out, room);
+                    prop_assert!(out.len() <= limit);
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                if r.is_ok() {
+                    let room = limit - out.len();
+                    r = d.finish(&mut out, room);
+                }
+                prop_assert!(out.len() <= limit);
+                prop_assert!(!d.in_message());
+                if let Err(e) = r {
+                    prop_assert!(matches!(e.close_code(), 1002 | 1009));
+                    d = Decompressor::new(dir);
+                }
+            }
+        }
+
+        #[test]
+        fn anything_compressed_round_trips(
+            bits in 8u8..=15,
+            no_takeover in any::<bool>(),
+            level in 0u8..=9,
+            messages in proptest::collection::vec(proptest::collection::vec(0u8..8, 0..3000), 1..5),
+            chunk in 1usize..500,
+        ) {
+            let dir = Direction { window_bits: bits, no_context_takeover: no_takeover };
+            let mut c = Compressor::new(dir, level);
+            let mut d = Decompressor::new(dir);
+            for m in &messages {
+                let mut wire = Vec::new();
+                c.compress(m, &mut wire);
+                let mut out = Vec::new();
+                for piece in wire.chunks(chunk) {
+                    d.inflate(piece, &mut out, 1 << 20).unwrap();
+                }
+                d.finish(&mut out, 1 << 20).unwrap();
+                prop_assert_eq!(&out, m);
+            }
+        }
+    }
+}
