@@ -13,7 +13,7 @@
 //! idle.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,6 +45,9 @@ impl Transport for TcpStream {
 
 /// Largest read we ask the kernel for when a big message is streaming in.
 const MAX_READ: usize = 256 * 1024;
+
+/// Chunks handed to one writev (the rest go in the next call).
+const MAX_SLICES: usize = 64;
 
 /// The session's view of the connection: the shared inbox and outbox, stats, logs.
 struct SharedIo<'a>(&'a ConnShared);
@@ -101,7 +104,16 @@ impl Io for SharedIo<'_> {
             ob.drain_waiting = false;
             shared.hub.push(Event::Drained(shared.id));
         }
-        Sealed::Frames(std::mem::take(&mut ob.buf))
+        // Shared frames held behind an unfinished fragmented message cannot follow it
+        // any more: the close frame comes next.
+        let held = ob.held.len();
+        ob.held.clear();
+        shared.unsent.fetch_sub(held, Ordering::Relaxed);
+        Sealed::Frames(std::mem::take(&mut ob.queue))
+    }
+
+    fn output_added(&mut self, n: usize) {
+        self.0.unsent.fetch_add(n, Ordering::Relaxed);
     }
 
     fn frame_in(&mut self, op: OpCode) {
@@ -178,16 +190,26 @@ impl<S: Transport> Driver<S> {
                 Ok(took) => progress |= took,
             }
 
-            // Write as much as the socket takes.
+            // Write as much as the socket takes: every queued chunk in one writev (own
+            // frames and frames shared with other connections, without copying them).
             loop {
                 let out = self.session.output();
                 if out.is_empty() {
                     break;
                 }
-                match Pin::new(&mut self.io).poll_write(cx, out) {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let n = out.slices(&mut slices);
+                let io = Pin::new(&mut self.io);
+                let r = if n == 1 {
+                    io.poll_write(cx, &slices[0])
+                } else {
+                    io.poll_write_vectored(cx, &slices[..n])
+                };
+                match r {
                     Poll::Ready(Ok(0)) => return Poll::Ready(self.session.outcome()),
                     Poll::Ready(Ok(n)) => {
                         self.session.written(n);
+                        self.shared.unsent.fetch_sub(n, Ordering::Relaxed);
                         self.need_flush = true;
                         self.shared.stats.add_bytes_out(n as u64);
                         progress = true;
@@ -347,18 +369,38 @@ impl<S: Transport> Driver<S> {
             return Err(());
         }
         let now = std::time::Instant::now();
+        // A slow consumer went over max_backpressure with on_backpressure="close": what
+        // it has not been sent yet is dropped, and it gets a close 1013 (Try Again
+        // Later) right after the frame being written.
+        let overflow = ob.overflow && !ob.closing;
+        if overflow {
+            let dropped = ob.queue.len() + ob.held.len();
+            ob.queue.clear();
+            ob.held.clear();
+            self.shared.unsent.fetch_sub(dropped, Ordering::Relaxed);
+        }
         if ob.closing {
             self.session.app_closing(now);
         }
         let mut took = false;
-        if self.session.can_take_app_output() && !ob.buf.is_empty() {
+        if self.session.can_take_app_output() && !ob.queue.is_empty() {
             let closing = ob.closing;
-            self.session.take_app_output(&mut ob.buf, closing, now);
+            self.session.take_app_output(&mut ob.queue, closing, now);
             took = true;
         }
         if ob.drain_waiting {
             ob.drain_waiting = false;
             self.shared.hub.push(Event::Drained(self.shared.id));
+        }
+        drop(ob);
+        if overflow {
+            self.session.close_now(
+                1013,
+                "too slow: over max_backpressure",
+                now,
+                &mut SharedIo(&self.shared),
+            );
+            took = true;
         }
         Ok(took)
     }

@@ -21,7 +21,8 @@ use crate::handshake::{self, HandshakeError, Upgrade};
 use crate::security::{self, IpLimiter, IpNet, IpSlot, OriginPolicy};
 use crate::session::{CloseInfo, LogLevel, ABNORMAL_CLOSURE};
 use crate::shared::{
-    ClosedGuard, ConnConfig, ConnShared, Event, EventHub, HandshakeEvent, LogEvent, Reply,
+    Backpressure, ClosedGuard, ConnConfig, ConnShared, Event, EventHub, HandshakeEvent, LogEvent,
+    Reply,
 };
 use crate::stats::Stats;
 use crate::tls::CertStore;
@@ -52,6 +53,8 @@ pub struct ServerConfig {
     pub io_statistics: bool,
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
+    /// The slow-consumer policy for fanned-out frames (publish, broadcast).
+    pub backpressure: Backpressure,
 }
 
 /// State shared by the accept loop and every connection task.
@@ -630,6 +633,10 @@ mod size_tests {
             io_statistics: false,
             cert_file: None,
             key_file: None,
+            backpressure: Backpressure {
+                max: 1 << 20,
+                close: true,
+            },
         }
     }
 

@@ -8,9 +8,10 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::sync::oneshot;
 
@@ -18,6 +19,7 @@ use crate::frame::OpCode;
 use crate::handshake;
 use crate::hub::Hub;
 use crate::lockcheck::ConnMutex;
+use crate::outq::OutQueue;
 use crate::session::{CloseInfo, LogLevel, Part, SessionConfig, ABNORMAL_CLOSURE};
 use crate::stats::Stats;
 
@@ -63,9 +65,15 @@ pub struct Inbox {
 
 #[derive(Default)]
 pub struct Outbox {
-    /// Whole encoded frames, in send order. Taken by the task in one swap.
-    pub buf: Vec<u8>,
-    /// A `send()` is waiting for `buf` to be taken (its length was over `write_limit`).
+    /// Whole encoded frames in send order: the connection's own (appended) and frames
+    /// shared with other connections (by reference). Taken by the task in one move.
+    pub queue: OutQueue,
+    /// Shared frames that arrived while a fragmented message was going out: they go in
+    /// right after its final frame (RFC 6455 5.4: no data frame between fragments).
+    pub held: OutQueue,
+    /// A fragmented message is going out: its first frame is queued, its final one not.
+    pub fragmenting: bool,
+    /// A `send()` is waiting for `queue` to be taken (it was over `write_limit`).
     pub drain_waiting: bool,
     /// A close frame is queued (by Python or the task): no more data frames.
     pub closing: bool,
@@ -73,6 +81,49 @@ pub struct Outbox {
     pub closed: bool,
     /// `abort()`: drop the socket now.
     pub abort: bool,
+    /// A fanned-out frame would have taken the connection over `max_backpressure` with
+    /// `on_backpressure="close"`: the task drops what is queued and closes with 1013.
+    pub overflow: bool,
+}
+
+impl Outbox {
+    /// Follow the fragmentation state from the first byte of a data frame queued for
+    /// this connection; when a fragmented message ends, the frames held meanwhile go
+    /// right after it.
+    pub fn note_frame(&mut self, b0: u8) {
+        let opcode = b0 & 0x0f;
+        let fin = b0 & 0x80 != 0;
+        if (opcode == OpCode::Text.as_u8() || opcode == OpCode::Binary.as_u8()) && !fin {
+            self.fragmenting = true;
+        } else if opcode == OpCode::Continuation.as_u8() && fin && self.fragmenting {
+            self.fragmenting = false;
+            let mut held = std::mem::take(&mut self.held);
+            self.queue.append(&mut held);
+        }
+    }
+}
+
+/// The slow-consumer policy for frames fanned out to many connections (`publish`,
+/// `broadcast`): `Config.max_backpressure` and `Config.on_backpressure`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backpressure {
+    /// Bytes a connection may have queued, unwritten, before a fanned-out frame
+    /// triggers the policy.
+    pub max: usize,
+    /// Close with 1013 (true) or drop the frame for that connection (false).
+    pub close: bool,
+}
+
+/// What became of a frame fanned out to one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fanned {
+    Queued,
+    /// Over `max_backpressure` with `on_backpressure="drop"`.
+    Dropped,
+    /// Over `max_backpressure` with `on_backpressure="close"`: closing with 1013.
+    Overflowed,
+    /// The connection is closing or closed.
+    Skipped,
 }
 
 /// State shared between a connection's tokio task and its Python object.
@@ -88,6 +139,14 @@ pub struct ConnShared {
     pub hub: Arc<EventHub>,
     pub stats: Arc<Stats>,
     pub cfg: Arc<ConnConfig>,
+    /// Bytes queued for this connection and not yet written to the socket (the outbox,
+    /// held frames, and the task's unwritten output): `conn.buffered_amount`, and what
+    /// `max_backpressure` is checked against.
+    pub unsent: AtomicUsize,
+    /// Frames of this connection routed through the fan-out task to keep their order
+    /// behind a publish still being fanned out (see bridge/send.rs); while any is in
+    /// flight, later frames take the same route.
+    pub fenced: AtomicU32,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -109,7 +168,64 @@ impl ConnShared {
             hub,
             stats,
             cfg,
+            unsent: AtomicUsize::new(0),
+            fenced: AtomicU32::new(0),
         })
+    }
+
+    /// Queue a frame shared with other connections (a publish or a broadcast), applying
+    /// the slow-consumer policy if given. Never waits.
+    pub fn push_shared(&self, frame: Bytes, policy: Option<Backpressure>) -> Fanned {
+        let len = frame.len();
+        let mut ob = self.outbox.lock();
+        if ob.closed || ob.closing || ob.overflow {
+            return Fanned::Skipped;
+        }
+        if let Some(p) = policy {
+            if self.unsent.load(Ordering::Relaxed) + len > p.max {
+                if !p.close {
+                    return Fanned::Dropped;
+                }
+                ob.overflow = true;
+                drop(ob);
+                self.waker.wake();
+                return Fanned::Overflowed;
+            }
+        }
+        let wake = ob.queue.is_empty() && !ob.fragmenting;
+        if ob.fragmenting {
+            ob.held.push_chunk(frame);
+        } else {
+            ob.queue.push_chunk(frame);
+        }
+        self.unsent.fetch_add(len, Ordering::Relaxed);
+        drop(ob);
+        if wake {
+            self.waker.wake();
+        }
+        Fanned::Queued
+    }
+
+    /// Queue a frame of this connection's own that took the fan-out route (fenced).
+    pub fn push_own(&self, frame: Bytes) {
+        let len = frame.len();
+        let b0 = frame.first().copied().unwrap_or(0);
+        let mut ob = self.outbox.lock();
+        if ob.closed || ob.closing {
+            // Nothing goes after our close frame (RFC 6455 5.5.1).
+            return;
+        }
+        let wake = ob.queue.is_empty();
+        ob.queue.push_chunk(frame);
+        if b0 & 0x0f == OpCode::Close.as_u8() {
+            ob.closing = true;
+        }
+        ob.note_frame(b0);
+        self.unsent.fetch_add(len, Ordering::Relaxed);
+        drop(ob);
+        if wake {
+            self.waker.wake();
+        }
     }
 
     /// Send a log line to the loop thread if `level` is enabled. Formatting happens only
@@ -163,7 +279,8 @@ impl Drop for ClosedGuard {
         {
             let mut outbox = self.shared.outbox.lock();
             outbox.closed = true;
-            outbox.buf = Vec::new();
+            outbox.queue.clear();
+            outbox.held.clear();
         }
         self.shared.hub.push(Event::Closed(self.shared.id));
     }

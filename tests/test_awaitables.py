@@ -10,7 +10,7 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import eventually, reporting_handshake, serve, url
+from support import eventually, reporting_handshake, serve, url
 from websockets.asyncio.client import connect
 
 Opcode = lightws.Opcode

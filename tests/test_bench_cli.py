@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ import trustme
 from lightws import __main__ as cli
 from lightws import _bench
 from lightws._bench import parse_size
+from support import LIGHTWS, free_port, run_lightws, start
 
 TIMEOUT = 60
 
@@ -42,41 +40,14 @@ needs_loadgen = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_listening(proc: subprocess.Popen[bytes], port: int) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        assert proc.poll() is None, "server exited before listening"
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def serve(*args: str) -> Iterator[int]:
+    """``python -m lightws *args`` on a free port (``{port}`` in args), once listening."""
     port = free_port()
-    cmd = [sys.executable, "-m", "lightws", *args]
-    cmd = [a.replace("{port}", str(port)) for a in cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start([*LIGHTWS, *(a.replace("{port}", str(port)) for a in args)], ready="listening")
     try:
-        wait_listening(proc, port)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +79,7 @@ def tls_port(tls_files: tuple[Path, Path, Path]) -> Iterator[int]:
 
 
 def bench(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lightws", "bench", url, "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    return run_lightws("bench", url, "--json", *args, timeout=TIMEOUT)
 
 
 def report(url: str, *args: str) -> dict[str, Any]:
@@ -138,15 +103,10 @@ def test_echo_mode_reports_positive_throughput(echo_port: int) -> None:
 
 @needs_loadgen
 def test_progress_goes_to_stderr_and_the_report_to_stdout(echo_port: int) -> None:
-    out = subprocess.run(
-        [
-            *(sys.executable, "-m", "lightws", "bench", f"ws://127.0.0.1:{echo_port}/"),
-            *("-c", "2", "-d", "1.5", "--warmup", "0", "-p", "4", "--text", "-s", "1KiB"),
-        ],
-        capture_output=True,
-        text=True,
+    out = run_lightws(
+        *("bench", f"ws://127.0.0.1:{echo_port}/"),
+        *("-c", "2", "-d", "1.5", "--warmup", "0", "-p", "4", "--text", "-s", "1KiB"),
         timeout=TIMEOUT,
-        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert "msgs/s" in out.stdout and "1024 B messages" in out.stdout

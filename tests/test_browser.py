@@ -14,11 +14,8 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +23,8 @@ from typing import Any
 import lightws
 import pytest
 import trustme
-from conftest import echo_handler, serve
-from test_demos import Demo, start_demo
+from support import Process, echo_handler, eventually, serve
+from support.demos import Demo, start_demo
 from websockets.asyncio.client import ClientConnection, connect
 
 pytestmark = pytest.mark.asyncio_loop_only  # server and browser run in their own processes
@@ -95,13 +92,15 @@ class DevTools:
             "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
         )
         session: str = attached["sessionId"]
-        for _ in range(200):
+
+        async def loaded() -> bool:
             with contextlib.suppress(RuntimeError, AssertionError):  # navigation in flight
                 state = await self.evaluate(session, "location.href + ' ' + document.readyState")
-                if state == f"{url} complete":
-                    return session
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{url} did not load")
+                return bool(state == f"{url} complete")
+            return False
+
+        await eventually(loaded, 20, f"{url} loading")
+        return session
 
     async def close(self) -> None:
         self._reader.cancel()
@@ -114,42 +113,31 @@ async def chromium(tmp_path: Path, *flags: str) -> AsyncIterator[DevTools]:
     if CHROMIUM is None:
         pytest.skip("no chromium binary on PATH (.ci/run installs Debian's chromium)")
     profile = tmp_path / "profile"
-    log = tmp_path / "chromium.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",  # CI runs as root, where the sandbox cannot start
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--remote-debugging-address=127.0.0.1",
-                "--remote-debugging-port=0",
-                f"--user-data-dir={profile}",
-                *flags,
-                "about:blank",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,  # its helper processes share our kill below
-        )
+    proc = Process(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",  # CI runs as root, where the sandbox cannot start
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            *flags,
+            "about:blank",
+        ],
+        new_session=True,  # its helper processes share the group stop() signals
+    )
     try:
-        url = None
-        for _ in range(300):
-            match = re.search(rb"DevTools listening on (ws://\S+)", log.read_bytes())
-            if match:
-                url = match.group(1).decode()
-                break
-            if proc.poll() is not None:
-                break
-            await asyncio.sleep(0.1)
-        if url is None:
-            tail = log.read_bytes()[-2000:].decode(errors="replace")
-            pytest.skip(f"chromium could not be launched: {tail}")
-        async with connect(url, max_size=None) as ws:
+        try:
+            line = await proc.aread_until("DevTools listening on", 30)
+        except AssertionError as exc:
+            pytest.skip(f"chromium could not be launched: {str(exc)[-2000:]}")
+        match = re.search(r"DevTools listening on (ws://\S+)", line)
+        assert match, line
+        async with connect(match.group(1), max_size=None) as ws:
             devtools = DevTools(ws)
             try:
                 yield devtools
@@ -158,9 +146,7 @@ async def chromium(tmp_path: Path, *flags: str) -> AsyncIterator[DevTools]:
                     await asyncio.wait_for(devtools.call("Browser.close"), 5)
                 await devtools.close()
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        await proc.astop(grace=5)
 
 
 # Drives the echo page the way a person would: type, click, wait for the answer.

@@ -3,77 +3,37 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support import run_lightws
+from support.demos import Demo, start_demo
 from websockets.asyncio.client import connect
 
 pytestmark = pytest.mark.asyncio_loop_only  # the server runs in its own process
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class EchoProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, banner: str) -> None:
-        self.proc = proc
-        self.port = port
-        self.banner = banner
-
-
-async def start_echo(*extra: str) -> EchoProcess:
-    port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "lightws",
-        "echo",
-        "--addr",
-        f"127.0.0.1:{port}",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-    )
-    assert proc.stdout is not None
-    banner = ""
-    try:
-        while str(port) not in banner:
-            line = await asyncio.wait_for(proc.stdout.readline(), 15)
-            if not line:
-                raise AssertionError(f"echo exited before listening: {banner!r}")
-            banner += line.decode(errors="replace")
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        raise
-    return EchoProcess(proc, port, banner)
+async def start_echo(*extra: str) -> Demo:
+    """``python -m lightws echo`` on a free port, once it has said where it listens."""
+    return await start_demo("echo", *extra, ready="listening on")
 
 
 @pytest.fixture
-async def echo_process() -> AsyncIterator[EchoProcess]:
+async def echo_process() -> AsyncIterator[Demo]:
     echo = await start_echo()
     yield echo
-    if echo.proc.returncode is None:
-        echo.proc.kill()
-        await echo.proc.wait()
+    await echo.stop()
 
 
-async def test_echo_prints_where_it_listens(echo_process: EchoProcess) -> None:
+async def test_echo_prints_where_it_listens(echo_process: Demo) -> None:
     assert f"127.0.0.1:{echo_process.port}" in echo_process.banner
 
 
-async def test_echo_echoes_text_and_binary(echo_process: EchoProcess) -> None:
+async def test_echo_echoes_text_and_binary(echo_process: Demo) -> None:
     async with connect(f"ws://127.0.0.1:{echo_process.port}/") as ws:
         await ws.send("hello cli")
         assert await asyncio.wait_for(ws.recv(), 5) == "hello cli"
@@ -81,47 +41,31 @@ async def test_echo_echoes_text_and_binary(echo_process: EchoProcess) -> None:
         assert await asyncio.wait_for(ws.recv(), 5) == b"\x00\x01\x02" * 1000
 
 
-async def test_echo_reverses_with_reverse_query(echo_process: EchoProcess) -> None:
+async def test_echo_reverses_with_reverse_query(echo_process: Demo) -> None:
     async with connect(f"ws://127.0.0.1:{echo_process.port}/?reverse=1") as ws:
         await ws.send("stressed")
         assert await asyncio.wait_for(ws.recv(), 5) == "desserts"
 
 
-async def test_sigterm_closes_clients_with_1001_and_exits_0(echo_process: EchoProcess) -> None:
+async def test_sigterm_closes_clients_with_1001_and_exits_0(echo_process: Demo) -> None:
     async with connect(f"ws://127.0.0.1:{echo_process.port}/") as ws:
         await ws.send("before")
         assert await asyncio.wait_for(ws.recv(), 5) == "before"
         echo_process.proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(ws.wait_closed(), 10)
         assert ws.close_code == 1001
-    assert await asyncio.wait_for(echo_process.proc.wait(), 10) == 0
+    assert await echo_process.proc.afinish(10) == 0
 
 
-async def test_sigterm_without_clients_exits_0(echo_process: EchoProcess) -> None:
+async def test_sigterm_without_clients_exits_0(echo_process: Demo) -> None:
     echo_process.proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(echo_process.proc.wait(), 10) == 0
+    assert await echo_process.proc.afinish(10) == 0
 
 
 def test_help_lists_the_echo_command() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "lightws", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_lightws("--help")
     assert result.returncode == 0
     assert "echo" in result.stdout
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lightws", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def assert_one_clean_error_line(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -135,7 +79,7 @@ def assert_one_clean_error_line(result: subprocess.CompletedProcess[str], *words
 
 
 def test_an_address_without_a_host_is_one_clean_error_line() -> None:
-    assert_one_clean_error_line(run_cli("echo", "--addr", "9001"), "9001")
+    assert_one_clean_error_line(run_lightws("echo", "--addr", "9001"), "9001")
 
 
 def test_swapped_cert_and_key_is_one_clean_error_line(tmp_path: Path) -> None:
@@ -144,7 +88,7 @@ def test_swapped_cert_and_key_is_one_clean_error_line(tmp_path: Path) -> None:
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
-    result = run_cli(
+    result = run_lightws(
         "echo", "--addr", "127.0.0.1:0", "--cert", str(key_file), "--key", str(cert_file)
     )
     assert_one_clean_error_line(result)
@@ -152,7 +96,7 @@ def test_swapped_cert_and_key_is_one_clean_error_line(tmp_path: Path) -> None:
 
 def test_a_missing_certificate_file_is_one_clean_error_line(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.pem")
-    result = run_cli("echo", "--addr", "127.0.0.1:0", "--cert", missing, "--key", missing)
+    result = run_lightws("echo", "--addr", "127.0.0.1:0", "--cert", missing, "--key", missing)
     assert_one_clean_error_line(result, "nope.pem")
 
 
@@ -161,13 +105,13 @@ def test_an_address_in_use_is_one_clean_error_line() -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        assert_one_clean_error_line(run_cli("echo", "--addr", f"127.0.0.1:{port}"), str(port))
+        assert_one_clean_error_line(run_lightws("echo", "--addr", f"127.0.0.1:{port}"), str(port))
 
 
 def test_cert_without_key_is_one_clean_error_line() -> None:
-    assert_one_clean_error_line(run_cli("echo", "--cert", "cert.pem"), "--cert", "--key")
+    assert_one_clean_error_line(run_lightws("echo", "--cert", "cert.pem"), "--cert", "--key")
 
 
 def test_a_negative_max_msg_len_is_one_clean_error_line() -> None:
-    result = run_cli("echo", "--addr", "127.0.0.1:0", "--max-msg-len", "-1")
+    result = run_lightws("echo", "--addr", "127.0.0.1:0", "--max-msg-len", "-1")
     assert_one_clean_error_line(result, "max_msg_len")

@@ -12,8 +12,8 @@ from typing import Any
 import lightws
 import pytest
 import trustme
-from conftest import echo_handshake, eventually, serve, url
-from rawws import BINARY, RawWebSocket, build_frame
+from support import echo_handshake, eventually, serve, url
+from support.rawws import BINARY, RawWebSocket, build_frame
 from websockets.asyncio.client import connect
 
 
@@ -199,9 +199,13 @@ async def test_debug_log_level_logs_frames_to_the_lightws_logger(
     async with serve(log_level=lightws.LogLevel.DEBUG) as server, connect(url(server)) as ws:
         await ws.send("log me")
         assert await asyncio.wait_for(ws.recv(), 5) == "log me"
-        await asyncio.sleep(0.1)
-    debug = [r for r in caplog.records if r.name.startswith("lightws") and r.levelno == 10]
-    assert debug, "no DEBUG records from 'lightws'"
+
+        def debug() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name.startswith("lightws") and r.levelno == 10]
+
+        # Records from the tokio threads reach the logger through the loop.
+        await eventually(debug, what="a DEBUG record from 'lightws'")
+    assert debug(), "no DEBUG records from 'lightws'"
 
 
 async def test_tls_echo_with_a_trusted_certificate(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 The groups follow Autobahn's case groups 1-10 (framing, pings/pongs, reserved bits,
 opcodes, fragmentation, UTF-8, close handling, large messages, auto-fragmentation);
 each test names the RFC 6455 section it checks. The client is the permissive raw one in
-rawws.py, so it can send what a real client would refuse to; the server is the
-in-process echo server of conftest.py with ``max_msg_len`` raised to fit 16 MiB.
+support/rawws.py, so it can send what a real client would refuse to; the server is the
+in-process echo server of support/server.py with ``max_msg_len`` raised to fit 16 MiB.
 
 Where Autobahn accepts either of two behaviours (an echo of a valid message sent just
 before a fatal frame may or may not arrive; an empty close may be answered empty or with
@@ -21,8 +21,15 @@ from typing import Any, TypeVar
 
 import lightws
 import pytest
-from conftest import echo_handshake, serve
-from rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, Frame, RawWebSocket, build_frame
+from support import echo_handshake, serve
+from support.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, Frame, RawWebSocket, build_frame
+
+# Protocol rules are decided in Rust (src/session.rs, unit-tested for every connection
+# state transition); which event loop runs the echo handler changes nothing on the wire.
+# This module is their end-to-end sample, on the default loop only; the loop-specific
+# paths (the hand-off to the loop, futures, cancellation) are tested on both loops in
+# test_connection.py, test_awaitables.py, test_echo.py and test_streaming.py.
+pytestmark = pytest.mark.asyncio_loop_only
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -171,7 +178,6 @@ async def test_1_data_frame_of_each_length_encoding_is_echoed(
         await close_normally(ws)
 
 
-@pytest.mark.asyncio_loop_only
 @pytest.mark.parametrize("opcode", [TEXT, BINARY], ids=["text", "binary"])
 @bounded()
 async def test_1_sixteen_mib_frame_is_echoed_with_max_msg_len_raised(
@@ -408,7 +414,7 @@ async def test_5_pings_between_fragments_are_answered_first(
         else:
             for wire in frames:
                 await ws.write(wire)
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # the case: every frame arrives in its own read
         # The pongs come first: the message is not complete when the pings arrive.
         for expected in (b"pongme 1!", b"pongme 2!"):
             frame = await ws.recv_frame()
@@ -426,7 +432,7 @@ async def test_5_fragments_sent_with_delays_are_echoed_whole(
     async with await connect(server) as ws:
         for frame in fragments(opcode, payload, 25):
             await ws.write(frame)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the case (Autobahn 5.x "with delays"): fragments trickle
         await expect_echo(ws, opcode, payload)
         await close_normally(ws)
 
@@ -628,7 +634,7 @@ async def test_6_invalid_fragment_fails_fast_before_the_message_ends(
 ) -> None:
     async with await connect(server) as ws:
         await ws.send_frame(TEXT, valid, fin=False)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the case (Autobahn 6.4.x): the bad part comes later
         await ws.send_frame(CONT, invalid, fin=False)
         # The rest of the message ("edited") is never sent.
         await expect_fail(ws, 1007)
@@ -645,7 +651,7 @@ async def test_6_invalid_bytes_fail_fast_before_the_frame_ends(
     head = len(frame) - len(payload)
     async with await connect(server) as ws:
         await ws.write(frame[: head + len(valid)])
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the case (Autobahn 6.4.x): the bad part comes later
         await ws.write(frame[head + len(valid) : head + len(valid) + len(invalid)])
         await expect_fail(ws, 1007)
 
@@ -822,7 +828,6 @@ def large_case_id(case: tuple[int, int | None]) -> str:
     return f"{size // MiB}MiB-" + ("single" if frag is None else f"frag{frag // KiB}KiB")
 
 
-@pytest.mark.asyncio_loop_only
 @pytest.mark.parametrize("case", LARGE_CASES, ids=[large_case_id(c) for c in LARGE_CASES])
 @pytest.mark.parametrize("opcode", [TEXT, BINARY], ids=["text", "binary"])
 @bounded(60)
@@ -840,7 +845,6 @@ async def test_9_large_message_is_echoed_byte_exact(
         await close_normally(ws)
 
 
-@pytest.mark.asyncio_loop_only
 @pytest.mark.parametrize("chunk", [4093, 65521], ids=["writes4093", "writes65521"])
 @pytest.mark.parametrize("opcode", [TEXT, BINARY], ids=["text", "binary"])
 @bounded(60)
@@ -856,7 +860,6 @@ async def test_9_large_message_in_chunked_socket_writes_is_echoed(
         await close_normally(ws)
 
 
-@pytest.mark.asyncio_loop_only
 @bounded(60)
 async def test_9_many_large_messages_back_to_back_are_echoed_in_order(
     server: lightws.Server,

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import (
+from support import (
     echo_handshake,
     eventually,
     handler_handshake,
@@ -18,7 +18,8 @@ from conftest import (
     serve,
     url,
 )
-from rawws import BINARY, CLOSE, PING, PONG, TEXT, RawWebSocket
+from support.awaitables import noting_waits, result_without_waiting
+from support.rawws import BINARY, CLOSE, PING, PONG, TEXT, RawWebSocket
 from websockets.asyncio.client import connect
 
 Opcode = lightws.Opcode
@@ -277,10 +278,7 @@ async def test_connection_properties_while_open_and_after_close() -> None:
             async with connect(url(server, "/props")) as ws2:
                 assert await asyncio.wait_for(ws2.recv(), 5) == "snapshot taken"
             await ws1.close(1000, "done")
-        for _ in range(100):
-            if len(after_close) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: len(after_close) == 2, what="both handlers seeing their close")
     first, second = snapshots
     # Each connection reports its own close: ws2 closed by its context manager
     # (1000, no reason), then ws1 with (1000, "done").
@@ -437,8 +435,9 @@ async def test_cancelled_recv_loses_no_message() -> None:
         for _ in range(3):
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(conn.recv(), 0.05)
-        task = asyncio.ensure_future(conn.recv())
-        await asyncio.sleep(0.05)
+        waiting = asyncio.Event()
+        task = asyncio.ensure_future(noting_waits(conn.recv(), waiting.set))
+        await waiting.wait()  # cancelled while it waits for a message
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -470,20 +469,32 @@ async def test_recv_cancelled_while_messages_stream_in_loses_none() -> None:
     async with serve(handshake) as server, connect(url(server)) as ws:
         for i in range(count):
             await ws.send(str(i))
-            if i % 3 == 0:
+            if i % 3 == 0:  # pacing: messages arrive alone and in bursts, at random
                 await asyncio.sleep(random.random() / 500)
         assert await asyncio.wait_for(outcome, 30) == [str(i) for i in range(count)]
 
 
 async def test_queued_message_is_returned_without_waiting() -> None:
+    queued = asyncio.Event()
+
     async def body(conn: lightws.Connection) -> Any:
-        await asyncio.sleep(0.3)  # let several messages queue up
-        return [(await conn.recv()).text for _ in range(5)]
+        await queued.wait()
+        # Each recv() is stepped by hand: with its message already queued it must
+        # complete at its first step (StopIteration), never yield a future to wait on.
+        # Over five operations at most one fairness yield (one in 32) may come first.
+        got = [result_without_waiting(conn.recv()) for _ in range(5)]
+        assert sum(bare_yields for _, bare_yields in got) <= 1
+        return [msg.text for msg, _ in got]
 
     handshake, outcome = reporting_handshake(body)
     async with serve(handshake) as server, connect(url(server)) as ws:
         for i in range(5):
             await ws.send(f"queued {i}")
+        await ws.send("marker")
+        # The server counts a message when it decodes it and queues it right after;
+        # once the sixth is counted, the five before it are in the queue.
+        await eventually(lambda: server.stats().frames_in.get(lightws.Opcode.TEXT, 0) >= 6)
+        queued.set()
         assert await asyncio.wait_for(outcome, 5) == [f"queued {i}" for i in range(5)]
 
 
@@ -604,7 +615,9 @@ async def test_send_applies_back_pressure_when_the_client_does_not_read() -> Non
             # Really not reading: otherwise asyncio's stream transport keeps pulling
             # bytes into its own (16 MiB-limit) buffer, which can hold the whole 50 MiB.
             ws.writer.transport.pause_reading()  # type: ignore[attr-defined]
-            await asyncio.sleep(1.0)  # not reading: sends must start to wait
+            # The condition under test, not a synchronisation: the client reads nothing
+            # for a second, during which the handler's sends must stop completing.
+            await asyncio.sleep(1.0)
             stalled_at = sent
             assert stalled_at < total_target, "send() never waited on a stalled client"
             ws.writer.transport.resume_reading()  # type: ignore[attr-defined]
@@ -639,11 +652,14 @@ async def test_reading_stops_when_the_handler_does_not_keep_up() -> None:
                     sent += 1
 
             flooding = asyncio.ensure_future(flood())
+            # The condition under test, not a synchronisation: the handler reads nothing
+            # for 1.5 s, during which the server must stop reading the socket.
             await asyncio.sleep(1.5)
             stalled_at = sent
             assert stalled_at < 100, f"server buffered {stalled_at} MiB for a handler not reading"
             release.set()
-            await asyncio.sleep(0.2)
+            # Once the handler reads, so does the server: the flood moves again.
+            await eventually(lambda: sent > stalled_at + 2, 10, "the flood moving again")
             flooding.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await flooding

@@ -4,90 +4,18 @@ websockets client and plain HTTP (aiohttp)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
+from support import eventually, free_port, run_lightws
+from support.demos import Demo, http_get, start_demo
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 pytestmark = pytest.mark.asyncio_loop_only  # the servers run in their own processes
 
 TICK = 0.05  # countdown --tick for the tests: 20 numbers a second
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Demo:
-    """A running ``python -m lightws <command>`` and what it printed before serving."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
-        self.proc = proc
-        self.port = port
-        self.banner = ""
-        self.put_port = 0  # push only: the HTTP endpoint's port
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    async def read_until(self, text: str, timeout: float = 10) -> str:
-        """Read the process's output until a line contains ``text``."""
-        assert self.proc.stdout is not None
-        seen = ""
-        while text not in seen:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-            if not line:
-                raise AssertionError(f"process ended before printing {text!r}: {seen!r}")
-            seen += line.decode(errors="replace")
-        return seen
-
-    async def put(self, query: str) -> tuple[int, str]:
-        """``GET /put/<query>`` on the push endpoint: (status, body)."""
-        status, _, body = await http_get(f"http://127.0.0.1:{self.put_port}/put/{query}")
-        return status, body
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-
-async def start_demo(command: str, *extra: str, ready: str = "in a browser") -> Demo:
-    """Start a demo on a free port and wait until it has printed ``ready``."""
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "lightws",
-        command,
-        "--addr",
-        f"127.0.0.1:{port}",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    demo = Demo(proc, port)
-    try:
-        demo.banner = await demo.read_until(ready, timeout=15)
-    except BaseException:
-        await demo.stop()
-        raise
-    return demo
 
 
 @pytest.fixture
@@ -120,15 +48,6 @@ async def push() -> AsyncIterator[Demo]:
     await demo.stop()
 
 
-async def http_get(url: str, method: str = "GET") -> tuple[int, str, str]:
-    """(status, Content-Type, body) of one plain HTTP request."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, url, timeout=aiohttp.ClientTimeout(total=10)) as response,
-    ):
-        return response.status, response.headers.get("Content-Type", ""), await response.text()
-
-
 async def recv(ws: ClientConnection, timeout: float = 5) -> str | bytes:
     return await asyncio.wait_for(ws.recv(), timeout)
 
@@ -158,13 +77,7 @@ async def test_page_server_answers_404_for_other_paths_and_405_for_other_methods
 
 
 def test_help_lists_every_demo() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "lightws", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_lightws("--help")
     assert result.returncode == 0
     for command in ("echo", "countdown", "push"):
         assert command in result.stdout
@@ -245,7 +158,7 @@ async def test_sigterm_mid_countdown_closes_with_1001_and_exits_0(countdown: Dem
         countdown.proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(ws.wait_closed(), 10)
         assert ws.close_code == 1001
-    assert await asyncio.wait_for(countdown.proc.wait(), 10) == 0
+    assert await countdown.proc.afinish(10) == 0
 
 
 # -- push -------------------------------------------------------------------------------
@@ -268,13 +181,13 @@ async def test_push_to_unknown_id_is_404(push: Demo) -> None:
     async with connect(push.ws + "/?id=a"):
         status, _ = await push.put("?id=b&msg=hi")
         assert status == 404
-    # ``a`` is gone once its connection closed.
-    for _ in range(100):
+
+    async def a_is_gone() -> bool:
         status, _ = await push.put("?id=a&msg=hi")
-        if status == 404:
-            break
-        await asyncio.sleep(0.05)
-    assert status == 404
+        return status == 404
+
+    # ``a`` is gone once the server has seen its connection close.
+    await eventually(a_is_gone, what="a 404 for the closed client's id")
 
 
 async def test_push_endpoint_serves_only_put(push: Demo) -> None:
@@ -303,16 +216,10 @@ async def test_push_sigterm_exits_0(push: Demo) -> None:
         push.proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(ws.wait_closed(), 10)
         assert ws.close_code == 1001
-    assert await asyncio.wait_for(push.proc.wait(), 10) == 0
+    assert await push.proc.afinish(10) == 0
 
 
 def test_push_refuses_a_put_addr_that_is_not_loopback() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "lightws", "push", "--put-addr", "0.0.0.0:0"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_lightws("push", "--put-addr", "0.0.0.0:0")
     assert result.returncode == 2
     assert "loopback" in result.stderr

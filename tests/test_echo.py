@@ -8,10 +8,10 @@ import os
 import aiohttp
 import lightws
 import pytest
-from conftest import eventually, serve, url
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rawws import BINARY, CONT, PING, PONG, TEXT, RawWebSocket, build_frame
+from support import eventually, serve, url
+from support.rawws import BINARY, CONT, PING, PONG, TEXT, RawWebSocket, build_frame
 from websockets.asyncio.client import connect
 
 SIZES = [0, 125, 126, 65535, 65536, 1 << 20]
@@ -81,7 +81,7 @@ async def test_async_iterable_of_fragments_is_reassembled(echo_server: lightws.S
     async def fragments():
         for part in ("one ", "two ", "three"):
             yield part
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the case: fragments produced over time
 
     async with connect(url(echo_server)) as ws:
         await ws.send(fragments())

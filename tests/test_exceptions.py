@@ -13,8 +13,8 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import reporting_handshake, serve, url
-from rawws import BINARY, CONT, TEXT, RawWebSocket
+from support import reporting_handshake, serve, url
+from support.rawws import BINARY, CONT, TEXT, RawWebSocket
 from websockets.asyncio.client import connect
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import echo_handler, echo_handshake, eventually, serve, url
-from rawws import TEXT, RawWebSocket, build_frame, http_exchange, upgrade_request
+from support import echo_handler, echo_handshake, eventually, serve, url
+from support.rawws import TEXT, RawWebSocket, build_frame, http_exchange, upgrade_request
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -75,7 +75,7 @@ async def test_reject_closes_the_tcp_connection() -> None:
 
 async def test_async_handshake_can_accept_and_reject() -> None:
     async def handshake(request: lightws.Request, response: lightws.Response) -> Any:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the case: a handshake that takes a while
         if request.path == "/ok":
             return echo_handler
         response.status = 401
@@ -320,7 +320,7 @@ async def test_first_frame_in_the_same_write_as_the_request_is_not_lost(
 
 async def test_first_frame_is_not_lost_while_an_async_handshake_runs() -> None:
     async def handshake(request: lightws.Request, response: lightws.Response) -> Any:
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the case: the frame arrives while the handshake runs
         return echo_handler
 
     async with serve(handshake) as server:

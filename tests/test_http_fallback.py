@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightws
-from conftest import echo_handshake, serve
-from rawws import http_exchange
+from support import echo_handshake, serve
+from support.rawws import http_exchange
 
 
 def fallback_handshake(request: lightws.Request, response: lightws.Response) -> Any:

@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 import lightws
-from conftest import eventually, reporting_handshake, serve, url
-from rawws import RawWebSocket, build_frame, http_exchange, upgrade_request
+from support import eventually, reporting_handshake, serve, url
+from support.rawws import RawWebSocket, build_frame, http_exchange, upgrade_request
 from websockets.asyncio.client import connect
 
 OP_PING, OP_PONG, OP_TEXT = 9, 10, 1

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import lightws
 import pytest
-from conftest import eventually, serve
-from rawws import BINARY, TEXT, RawWebSocket
+from support import eventually, serve
+from support.rawws import BINARY, TEXT, RawWebSocket
 
 LOGGER = logging.getLogger("lightws")
 

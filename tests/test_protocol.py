@@ -11,9 +11,14 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import handler_handshake, serve, url
-from rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, RawWebSocket, build_frame
+from support import handler_handshake, serve, url
+from support.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, RawWebSocket, build_frame
 from websockets.asyncio.client import connect
+
+# Raw-socket protocol rules: decided in Rust (src/session.rs unit-tests every connection
+# state transition), so the event loop running the handler changes nothing on the wire;
+# this end-to-end sample runs on the default loop only (see test_conformance.py).
+pytestmark = pytest.mark.asyncio_loop_only
 
 
 async def expect_close(ws: RawWebSocket, code: int) -> None:
@@ -329,7 +334,7 @@ async def test_frame_written_one_byte_at_a_time_is_parsed(echo_server: lightws.S
     async with await RawWebSocket.connect(echo_server.port) as ws:
         for i in range(len(frame)):
             await ws.write(frame[i : i + 1])
-            if i < 20:
+            if i < 20:  # the case: the header arrives a byte per read
                 await asyncio.sleep(0.005)
         assert await ws.recv_message() == (BINARY, bytes(range(256)) * 2)
 

@@ -6,29 +6,19 @@ the command line), and ``Server.abort()`` in process."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import lightws
 import pytest
-from conftest import serve, url
-from rawws import read_response, upgrade_request
+from support import ROOT, Process, astart, free_port, serve, url
+from support.rawws import read_response, upgrade_request
 from websockets.asyncio.client import connect
 
-ROOT = Path(__file__).resolve().parent.parent
-
 pytestmark = pytest.mark.asyncio_loop_only  # the servers run in their own processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def readme_quickstart() -> str:
@@ -43,52 +33,26 @@ def readme_quickstart() -> str:
 class App:
     """A Python program serving on ``port``; stdout and stderr together in ``output``."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+    def __init__(self, proc: Process, port: int) -> None:
         self.proc = proc
         self.port = port
-        self.output = ""
+
+    @property
+    def output(self) -> str:
+        return self.proc.output
 
     async def read_until(self, text: str, timeout: float = 10) -> None:
-        assert self.proc.stdout is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while text not in self.output:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), deadline - loop.time())
-            if not line:
-                raise AssertionError(f"exited before printing {text!r}: {self.output!r}")
-            self.output += line.decode(errors="replace")
+        await self.proc.aread_until(text, timeout)
 
     async def finish(self, timeout: float = 15) -> int:
-        """Wait for the exit; collect the rest of the output; return the exit status."""
-        assert self.proc.stdout is not None
-        rest = await asyncio.wait_for(self.proc.stdout.read(), timeout)
-        self.output += rest.decode(errors="replace")
-        return await asyncio.wait_for(self.proc.wait(), timeout)
+        """Wait for the exit and the rest of the output; return the exit status."""
+        return await self.proc.afinish(timeout)
 
 
 async def start(args: list[str], port: int) -> App:
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        cwd=ROOT,
-    )
-    app = App(proc, port)
-    # Poll until it listens, with a deadline (no fixed sleep).
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            if proc.returncode is not None or loop.time() > deadline:
-                await app.finish()
-                raise AssertionError(f"never listened on {port}: {app.output!r}") from None
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return app
+    """Start ``args``; return once it says it listens on ``port``."""
+    # lightws.run() and the command line both print "... listening on ws://host:port".
+    return App(await astart(args, ready=f"ws://127.0.0.1:{port}"), port)
 
 
 @pytest.fixture
@@ -96,9 +60,7 @@ async def apps() -> AsyncIterator[list[App]]:
     started: list[App] = []
     yield started
     for app in started:
-        if app.proc.returncode is None:
-            app.proc.kill()
-            await app.proc.wait()
+        await app.proc.astop()
 
 
 async def start_program(apps: list[App], tmp_path: Path, source: str) -> App:
@@ -185,8 +147,8 @@ async def test_a_second_signal_aborts_the_shutdown_of_the_command_line(apps: lis
 
 
 async def test_run_says_where_it_listens(apps: list[App], tmp_path: Path) -> None:
-    app = await start_program(apps, tmp_path, RUN_PROGRAM)
-    await app.read_until(f"ws://127.0.0.1:{app.port}")
+    app = await start_program(apps, tmp_path, RUN_PROGRAM)  # waits for ws://127.0.0.1:port
+    assert f"listening on ws://127.0.0.1:{app.port}" in app.proc.banner
     app.proc.send_signal(signal.SIGTERM)
     assert await app.finish() == 0
 

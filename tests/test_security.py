@@ -13,14 +13,14 @@ import asyncio
 import logging
 import socket
 import struct
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import lightws
 import pytest
-from conftest import echo_handler, eventually, serve, url
-from rawws import HttpResponse, read_response, upgrade_request
+from support import echo_handler, eventually, run_lightws, serve, url
+from support.demos import start_demo
+from support.rawws import HttpResponse, read_response, upgrade_request
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
@@ -490,8 +490,6 @@ def test_security_defaults_check_nothing() -> None:
 
 @pytest.mark.asyncio_loop_only  # the demo runs in its own process
 async def test_demo_origin_options() -> None:
-    from test_demos import start_demo
-
     demo = await start_demo(
         "echo",
         "--origin",
@@ -523,20 +521,7 @@ async def test_demo_origin_options() -> None:
         await demo.stop()
 
 
-@pytest.mark.asyncio_loop_only
-async def test_demo_refuses_a_malformed_origin_with_exit_status_2() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "lightws",
-        "echo",
-        "--addr",
-        "127.0.0.1:0",
-        "--origin",
-        "app.example",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 2
-    assert b'Config.origins[0]: "app.example" is not an origin' in out
+def test_demo_refuses_a_malformed_origin_with_exit_status_2() -> None:
+    result = run_lightws("echo", "--addr", "127.0.0.1:0", "--origin", "app.example")
+    assert result.returncode == 2
+    assert 'Config.origins[0]: "app.example" is not an origin' in result.stdout + result.stderr

@@ -8,8 +8,9 @@ from typing import Any
 
 import lightws
 import pytest
-from conftest import reporting_handshake, serve, url
-from rawws import RawWebSocket
+from support import eventually, reporting_handshake, serve, url
+from support.awaitables import noting_waits
+from support.rawws import RawWebSocket
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError
 
@@ -91,22 +92,50 @@ async def test_invalid_utf8_in_a_streamed_text_message_closes_with_1007() -> Non
 
 
 async def test_reader_returns_an_already_received_message_whole() -> None:
+    arrived = asyncio.Event()
+
     async def body(conn: lightws.Connection) -> Any:
         await conn.send("ready")
-        await asyncio.sleep(0.3)  # the message arrives before reader() is called
+        await arrived.wait()  # the whole message is in before reader() is called
         chunks = [c async for c in conn.reader()]
         following = await conn.recv()
         return chunks, following.text
 
     handshake, outcome = reporting_handshake(body)
     async with serve(handshake) as server:
-        async with connect(url(server)) as ws:
-            assert await ws.recv() == "ready"
-            await ws.send(b"early")
-            await ws.send("next")
+        async with await RawWebSocket.connect(server.port) as ws:
+            assert (await ws.recv_message())[1] == b"ready"
+            # Three frames: streamed, they would be three chunks; assembled, one.
+            await ws.send_frame(OP_BINARY, b"ear", fin=False)
+            await ws.send_frame(OP_CONT, b"l", fin=False)
+            await ws.send_frame(OP_CONT, b"y", fin=True)
+            await ws.send_frame(OP_TEXT, b"next")
+            # A message is counted at its first frame; once "next" is counted, every
+            # frame of the one before it has been decoded and that message is queued.
+            await eventually(lambda: sum(server.stats().frames_in.values()) >= 2)
+            arrived.set()
             chunks, following = await asyncio.wait_for(outcome, 5)
     assert chunks == [b"early"]
     assert following == "next"
+
+
+async def test_reader_called_before_the_message_arrives_yields_its_frames_as_they_come() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        reader = conn.reader()  # before any frame of the message is in
+        await conn.send("ready")
+        return [chunk async for chunk in reader]
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server:
+        async with await RawWebSocket.connect(server.port) as ws:
+            assert (await ws.recv_message())[1] == b"ready"
+            # Well under max_msg_len: only streaming, not the size, makes it chunks.
+            await ws.send_frame(OP_TEXT, b"one ", fin=False)
+            await ws.send_frame(OP_CONT, b"two ", fin=False)
+            await ws.send_frame(OP_CONT, b"three", fin=True)
+            chunks = await asyncio.wait_for(outcome, 5)
+    # A whole-message path could only give [b"one two three"].
+    assert chunks == [b"one ", b"two ", b"three"]
 
 
 async def test_writer_sends_one_fragmented_message() -> None:
@@ -154,8 +183,9 @@ async def test_send_during_a_writer_waits_for_the_final_frame() -> None:
     async def body(conn: lightws.Connection) -> Any:
         async with conn.writer(binary=False) as w:
             await w.write("part one, ")
-            other = asyncio.ensure_future(conn.send("interloper"))
-            await asyncio.sleep(0.05)
+            waiting = asyncio.Event()
+            other = asyncio.ensure_future(noting_waits(conn.send("interloper"), waiting.set))
+            await asyncio.wait_for(waiting.wait(), 5)  # it waits for the writer
             assert not other.done()
             await w.write("part two")
         await asyncio.wait_for(other, 5)

@@ -11,10 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,9 +21,9 @@ import aiohttp
 import lightws
 import pytest
 import trustme
-from conftest import echo_handshake, eventually
 from cryptography.hazmat.primitives import serialization
-from test_cli import start_echo
+from support import echo_handshake, eventually, free_port, run_lightws
+from support.demos import start_demo
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidMessage
 
@@ -88,13 +85,6 @@ def sans(ssl_object: Any) -> list[str]:
 
 def wss(server: lightws.Server, path: str = "/") -> str:
     return f"wss://127.0.0.1:{server.port}{path}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextlib.asynccontextmanager
@@ -744,7 +734,7 @@ async def test_reload_with_sni_pairs(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio_loop_only
 async def test_cli_echo_with_cert_and_key_serves_wss(pair_a: tuple[str, str]) -> None:
-    echo = await start_echo("--cert", pair_a[0], "--key", pair_a[1])
+    echo = await start_demo("echo", "--cert", pair_a[0], "--key", pair_a[1], ready="listening on")
     try:
         assert f"wss://127.0.0.1:{echo.port}/" in echo.banner
         async with connect(
@@ -756,22 +746,13 @@ async def test_cli_echo_with_cert_and_key_serves_wss(pair_a: tuple[str, str]) ->
             await ws.send("stressed")
             assert await asyncio.wait_for(ws.recv(), 5) == "desserts"
         echo.proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(echo.proc.wait(), 10) == 0
+        assert await echo.proc.afinish(10) == 0
     finally:
-        if echo.proc.returncode is None:
-            echo.proc.kill()
-            await echo.proc.wait()
+        await echo.stop()
 
 
 def test_cli_with_a_missing_certificate_exits_nonzero_naming_it(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.crt")
-    args = ["echo", "--addr", "127.0.0.1:0", "--cert", missing, "--key", missing]
-    result = subprocess.run(
-        [sys.executable, "-m", "lightws", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_lightws("echo", "--addr", "127.0.0.1:0", "--cert", missing, "--key", missing)
     assert result.returncode != 0
     assert missing in result.stdout + result.stderr

@@ -20,7 +20,7 @@ closes every client with 1001 when the block ends.
 
 from __future__ import annotations
 
-from ._lightws import Connection, Message
+from ._lightws import Connection, Message, broadcast
 from ._lightws import __version__ as __version__
 from ._run import run
 from ._types import CloseCode, LogLevel, Opcode
@@ -57,5 +57,6 @@ __all__ = [
     "Response",
     "Server",
     "Stats",
+    "broadcast",
     "run",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from ._types import LogLevel
 
@@ -89,6 +89,15 @@ class Config:
     write_limit: int = 64 * 1024
     #: Answer 503 to connections beyond this many. 0 (default) means no limit.
     max_connections: int = 0
+    #: Bytes a connection may have queued and unwritten before a fanned-out message
+    #: (``server.publish``, ``lightws.broadcast``) to it triggers ``on_backpressure``.
+    #: Default 1 MiB. Publishers never wait for a slow consumer.
+    max_backpressure: int = 1 << 20
+    #: What a fanned-out message that would take a connection over
+    #: ``max_backpressure`` does: ``"close"`` (default) closes that connection with 1013
+    #: (Try Again Later: the client reconnects and resyncs), ``"drop"`` skips the
+    #: message for that connection. See docs/pubsub.md.
+    on_backpressure: Literal["close", "drop"] = "close"
     #: Origins allowed to open a WebSocket (defence against cross-site WebSocket
     #: hijacking, RFC 6455 section 10.2): ``"scheme://host[:port]"`` entries such as
     #: ``"https://app.example"``; scheme and host compare case-insensitively and a

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _lightws
-from ._lightws import Connection
+from ._lightws import Connection, Message
 from ._types import LogLevel, Opcode
 from .config import Config
 from .http import Request, Response
@@ -84,6 +84,16 @@ class Stats:
     frames_in: dict[Opcode, int] = field(default_factory=dict)
     #: Frames sent, per opcode.
     frames_out: dict[Opcode, int] = field(default_factory=dict)
+    #: Topics with at least one subscriber.
+    topics: int = 0
+    #: Subscriptions over all topics.
+    subscriptions: int = 0
+    #: Fanned-out messages skipped for a connection over ``max_backpressure``
+    #: (``on_backpressure="drop"``).
+    dropped: int = 0
+    #: Connections closed with 1013 for going over ``max_backpressure``
+    #: (``on_backpressure="close"``).
+    backpressure_closes: int = 0
     #: Per-second rates of the counters over the last 30 seconds (see :class:`Rates`
     #: for a server younger than that).
     rates: Rates = field(default_factory=Rates)
@@ -102,6 +112,8 @@ class Stats:
             f"bytes_out={self.bytes_out}({r.bytes_out:.0f}/s)",
             f"frames_in: {frames(self.frames_in, r.frames_in) or '-'}",
             f"frames_out: {frames(self.frames_out, r.frames_out) or '-'}",
+            f"topics={self.topics} subscriptions={self.subscriptions} "
+            f"dropped={self.dropped} backpressure_closes={self.backpressure_closes}",
         ]
         if self.connections_reading is not None:
             lines.insert(
@@ -162,7 +174,7 @@ class Server:
         # the same per connection, before a record ever crosses to Python).
         self._level = _LEVELS[level]
         loop = asyncio.get_running_loop()
-        core = _lightws.Core(cfg, self._dispatch, self._log, loop)  # checks every field
+        core = _lightws.Core(cfg, self._dispatch, self._log, loop, self)  # checks every field
         if cfg.ws_write_buffer != Config.ws_write_buffer:
             warnings.warn(
                 "Config.ws_write_buffer has no effect (frames go straight into each "
@@ -322,6 +334,10 @@ class Server:
             connections_writing=d["connections_writing"],
             handshakes=d["handshakes"],
             handshakes_failed=d["handshakes_failed"],
+            topics=d["topics"],
+            subscriptions=d["subscriptions"],
+            dropped=d["dropped"],
+            backpressure_closes=d["backpressure_closes"],
             bytes_in=d["bytes_in"],
             bytes_out=d["bytes_out"],
             frames_in=_opcode_dict(d["frames_in"]),
@@ -335,6 +351,32 @@ class Server:
                 frames_out=_opcode_dict(r["frames_out"]),
             ),
         )
+
+    # -- fan-out -----------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        message: str | bytes | bytearray | memoryview | Message,
+        *,
+        exclude: Connection | None = None,
+    ) -> int:
+        """Queue ``message`` to every connection subscribed to ``topic``
+        (``conn.subscribe(topic)``) except ``exclude``; return how many it goes to.
+
+        ``str`` goes as TEXT, bytes-like as BINARY, a ``Message`` with its TEXT or BINARY
+        opcode. The frame is encoded once and shared by every subscriber; the walk over
+        the subscribers runs on an I/O thread, so this costs the same for 10 or 10,000
+        of them. It never waits: a subscriber with more than ``max_backpressure`` bytes
+        unwritten is handled by ``on_backpressure`` (closed with 1013, or skipped).
+        Per connection, messages arrive in call order, interleaved with its ``send()``s.
+        Callable from any thread. A server not started has no subscribers (returns 0).
+        """
+        return self._require_core().publish(topic, message, exclude)
+
+    def subscribers(self, topic: str) -> int:
+        """How many connections are subscribed to ``topic``."""
+        return self._require_core().subscribers(topic)
 
     @property
     def connections(self) -> list[Connection]:

@@ -12,7 +12,7 @@ use crate::frame::Role;
 use crate::security::{IpNet, OriginPolicy};
 use crate::server::{self, ServerConfig};
 use crate::session::{LogLevel, SessionConfig};
-use crate::shared::ConnConfig;
+use crate::shared::{Backpressure, ConnConfig};
 
 pub(super) fn get<'py, T: FromPyObjectOwned<'py>>(
     cfg: &Bound<'py, PyAny>,
@@ -76,6 +76,22 @@ pub(super) fn list<'py, T: FromPyObjectOwned<'py>>(
 }
 
 /// `Config.origins` and `Config.trusted_proxies`, validated (security.rs parses them).
+/// `max_backpressure` and `on_backpressure`.
+fn backpressure(cfg: &Bound<'_, PyAny>) -> PyResult<Backpressure> {
+    let max = size(cfg, "max_backpressure", 1)?;
+    let policy: String = get(cfg, "on_backpressure")?;
+    let close = match policy.as_str() {
+        "close" => true,
+        "drop" => false,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "Config.on_backpressure must be \"close\" or \"drop\", got {other:?}"
+            )))
+        }
+    };
+    Ok(Backpressure { max, close })
+}
+
 pub(super) fn admission(cfg: &Bound<'_, PyAny>) -> PyResult<(Option<OriginPolicy>, Vec<IpNet>)> {
     let origins: Option<Vec<Option<String>>> = list(cfg, "origins")?;
     let origins = origins
@@ -149,6 +165,7 @@ pub(super) fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
         tcp_keepalive: seconds(cfg, "tcp_keepalive", false)?,
         max_connections: size(cfg, "max_connections", 0)?,
         max_connections_per_ip: size(cfg, "max_connections_per_ip", 0)?,
+        backpressure: backpressure(cfg)?,
         trusted_proxies,
         origins,
         backlog,

@@ -8,16 +8,18 @@ use std::sync::{Arc, OnceLock};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyBytes, PyFrozenSet, PyString};
 use tokio::sync::oneshot;
 
 use super::api::api;
+use super::core::Core;
 use super::errors::{closed_exception, end_error, streaming_error};
 use super::message::{
     known_opcode, make_chunk, make_message, opcode_object, to_bytes, type_name, Message,
 };
 use super::op::{done, is_done, op_wait, reject, resolve, Op, OpState, WaitKind, FAIR_BUDGET};
 use super::send::{Deferred, LargeSend, Payload};
+use crate::fanout::Topic;
 use crate::frame::{self, OpCode};
 use crate::handshake;
 use crate::lockcheck::{assert_unlocked, ConnMutex};
@@ -59,19 +61,25 @@ pub(super) struct PyState {
     /// Set when the task ended (socket closed).
     pub(super) finished: bool,
     pub(super) sent_close: Option<CloseInfo>,
+    /// The topics this connection is subscribed to (fanout.rs).
+    pub(super) topics: Vec<Arc<Topic>>,
 }
 
 /// One WebSocket connection, handed to your handler.
 ///
 /// Receive with `await conn.recv()` or `async for msg in conn`; send with
 /// `await conn.send(x)`; close with `await conn.close(code, reason)`.
-#[pyclass(module = "lightws", frozen, name = "Connection", weakref)]
+///
+/// Your own attributes can be set on it (`conn.room = "lobby"`), as on websockets'
+/// connections.
+#[pyclass(module = "lightws", frozen, name = "Connection", weakref, dict)]
 pub struct Connection {
     pub(super) shared: Arc<ConnShared>,
     pub(super) st: ConnMutex<PyState>,
     /// Operations completed without suspending since the last suspension (fairness).
     pub(super) immediate: AtomicU32,
-    pub(super) event_loop: Py<PyAny>,
+    /// The server's native half: its event loop, its topics, the `Server` object.
+    pub(super) core: Py<Core>,
     pub(super) request: OnceLock<Py<PyAny>>,
     pub(super) subprotocol: OnceLock<Option<String>>,
 }
@@ -103,7 +111,9 @@ pub(super) enum Slot {
 impl Connection {
     pub(super) fn create_future(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         assert_unlocked("loop.create_future()");
-        self.event_loop
+        self.core
+            .get()
+            .event_loop
             .call_method0(py, intern!(py, "create_future"))
     }
 
@@ -331,6 +341,12 @@ impl Connection {
         waiting.extend(large.map(|l| l.fut));
         let writers = std::mem::take(&mut self.st.lock().writer_waiters);
         waiting.extend(writers);
+        // A closed connection is unsubscribed from everything.
+        let topics = std::mem::take(&mut self.st.lock().topics);
+        let fanout = &self.core.get().fanout;
+        for t in &topics {
+            fanout.unsubscribe(self.shared.id, t);
+        }
         self.on_readable(py)?;
         for f in closers {
             resolve(py, &f, py.None())?;
@@ -583,7 +599,23 @@ impl Connection {
             });
             return done(py);
         }
-        let queued = {
+        let payload = frame::close_payload(Some(code), reason);
+        let queued = if self.fenced() {
+            // Behind the frames already on the fan-out route (see send.rs), like them.
+            if self.shared.outbox.lock().closed {
+                return done(py);
+            }
+            let already = self.st.lock().sent_close.is_some();
+            if !already {
+                let mut b = Vec::with_capacity(2 + payload.len());
+                frame::encode_frame(&mut b, true, OpCode::Close, &payload, None);
+                self.core
+                    .get()
+                    .fanout
+                    .send_own(self.shared.clone(), bytes::Bytes::from(b));
+            }
+            !already
+        } else {
             let mut ob = self.shared.outbox.lock();
             if ob.closed {
                 // The task has ended; its Closed event completes nothing we wait for.
@@ -593,8 +625,11 @@ impl Connection {
                 false
             } else {
                 ob.closing = true;
-                let payload = frame::close_payload(Some(code), reason);
-                frame::encode_frame(&mut ob.buf, true, OpCode::Close, &payload, None);
+                let before = ob.queue.len();
+                ob.queue
+                    .push_with(|b| frame::encode_frame(b, true, OpCode::Close, &payload, None));
+                let added = ob.queue.len() - before;
+                self.shared.unsent.fetch_add(added, Ordering::Relaxed);
                 true
             }
         };
@@ -637,6 +672,62 @@ impl Connection {
             }
         }
         self.shared.waker.wake();
+    }
+
+    /// Subscribe to `topic`: every `server.publish(topic, ...)` is queued to this
+    /// connection until it unsubscribes or closes. O(1); subscribing twice is harmless;
+    /// a closed connection is not subscribed.
+    fn subscribe(&self, topic: &str) {
+        if self.st.lock().finished {
+            return;
+        }
+        let added = self.core.get().fanout.subscribe(&self.shared, topic);
+        if let Some(t) = added {
+            self.st.lock().topics.push(t);
+        }
+    }
+
+    /// Unsubscribe from `topic`; True if it was subscribed.
+    fn unsubscribe(&self, topic: &str) -> bool {
+        let found = {
+            let mut st = self.st.lock();
+            let pos = st.topics.iter().position(|t| &*t.name == topic);
+            pos.map(|i| st.topics.swap_remove(i))
+        };
+        match found {
+            Some(t) => {
+                self.core.get().fanout.unsubscribe(self.shared.id, &t);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The topics this connection is subscribed to.
+    #[getter]
+    fn topics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyFrozenSet>> {
+        let names: Vec<String> = self
+            .st
+            .lock()
+            .topics
+            .iter()
+            .map(|t| t.name.to_string())
+            .collect();
+        PyFrozenSet::new(py, &names)
+    }
+
+    /// The `lightws.Server` that accepted this connection (publish without a global).
+    #[getter]
+    fn server(&self, py: Python<'_>) -> Py<PyAny> {
+        self.core.get().server.clone_ref(py)
+    }
+
+    /// Bytes queued for this connection and not yet written to its socket (like a
+    /// browser's `WebSocket.bufferedAmount`): what `write_limit` and
+    /// `max_backpressure` are about.
+    #[getter]
+    fn buffered_amount(&self) -> usize {
+        self.shared.unsent.load(Ordering::Relaxed)
     }
 
     /// A number unique to this connection within the process.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ use super::api::api;
 use super::config::{build_config, tune_malloc};
 use super::connection::{raw_headers, Connection, PyState};
 use super::errors::tls_err;
+use super::message::data_frame;
+use crate::fanout::Fanout;
 use crate::frame::OpCode;
 use crate::lockcheck::ConnMutex;
 use crate::security::IpLimiter;
@@ -33,7 +35,11 @@ use crate::tls::{self, CertStore};
 pub struct Core {
     srv: Arc<ServerShared>,
     hub: Arc<EventHub>,
-    event_loop: Py<PyAny>,
+    pub(super) event_loop: Py<PyAny>,
+    /// Topics, publish and the fan-out task (fanout.rs).
+    pub(super) fanout: Arc<Fanout>,
+    /// The `lightws.Server` this is the native half of (`conn.server`).
+    pub(super) server: Py<PyAny>,
     dispatch: Py<PyAny>,
     log: Py<PyAny>,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
@@ -47,7 +53,8 @@ impl Core {
         self.conns.lock().get(&id).map(|c| c.clone_ref(py))
     }
 
-    fn on_handshake(&self, py: Python<'_>, h: HandshakeEvent) -> PyResult<()> {
+    fn on_handshake(&self, core: &Bound<'_, Core>, h: HandshakeEvent) -> PyResult<()> {
+        let py = core.py();
         let HandshakeEvent {
             conn,
             request,
@@ -66,7 +73,7 @@ impl Core {
                     reply: Some(reply),
                     ..Default::default()
                 }),
-                event_loop: self.event_loop.clone_ref(py),
+                core: core.clone().unbind(),
                 request: OnceLock::new(),
                 subprotocol: OnceLock::new(),
             },
@@ -121,7 +128,8 @@ impl Core {
         }
     }
 
-    fn handle(&self, py: Python<'_>, ev: Event) -> PyResult<()> {
+    fn handle(&self, core: &Bound<'_, Core>, ev: Event) -> PyResult<()> {
+        let py = core.py();
         match ev {
             Event::Readable(id) => {
                 if let Some(c) = self.conn(py, id) {
@@ -139,7 +147,7 @@ impl Core {
                     c.get().on_closed(py)?;
                 }
             }
-            Event::Handshake(h) => self.on_handshake(py, *h)?,
+            Event::Handshake(h) => self.on_handshake(core, *h)?,
             Event::Log(l) => self.emit_log(py, l.level, l.conn, &l.msg),
         }
         Ok(())
@@ -157,6 +165,7 @@ impl Core {
         dispatch: Py<PyAny>,
         log: Py<PyAny>,
         event_loop: Py<PyAny>,
+        server: Py<PyAny>,
     ) -> PyResult<Self> {
         // The Python objects the bridge calls are looked up now, at startup: a missing
         // one fails Server.start(), not the first message of some connection.
@@ -171,6 +180,7 @@ impl Core {
             }
             _ => None,
         };
+        let fanout = Arc::new(Fanout::new(cfg.backpressure));
         let srv = Arc::new(ServerShared {
             per_ip: IpLimiter::new(cfg.max_connections_per_ip),
             cfg,
@@ -182,6 +192,8 @@ impl Core {
             srv,
             hub,
             event_loop,
+            fanout,
+            server,
             dispatch,
             log,
             runtime: Mutex::new(None),
@@ -224,6 +236,7 @@ impl Core {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| PyOSError::new_err(e.to_string()))?;
             rt.spawn(server::accept_loop(listener, srv.clone(), rx));
+            self.fanout.start(&rt);
             let stats = srv.stats.clone();
             rt.spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -245,18 +258,20 @@ impl Core {
     }
 
     /// Handle queued events (called by the event loop when the fd is readable).
-    fn drain(&self, py: Python<'_>) {
-        self.hub.begin_drain();
+    fn drain(slf: &Bound<'_, Self>) {
+        let py = slf.py();
+        let this = slf.get();
+        this.hub.begin_drain();
         let mut batch = Vec::new();
-        let more = self.hub.take(DRAIN_BATCH, &mut batch);
+        let more = this.hub.take(DRAIN_BATCH, &mut batch);
         for ev in batch {
-            if let Err(e) = self.handle(py, ev) {
+            if let Err(e) = this.handle(slf, ev) {
                 // One connection's failure must not lose the rest of the batch.
                 e.write_unraisable(py, None);
             }
         }
         if more {
-            self.hub.rearm();
+            this.hub.rearm();
         }
     }
 
@@ -290,20 +305,45 @@ impl Core {
 
     /// Stop the runtime: every task is dropped (sockets closed). Handles the resulting
     /// events before returning.
-    fn shutdown(&self, py: Python<'_>) {
-        self.stop_accepting();
-        let rt = self.runtime.lock().take();
+    fn shutdown(slf: &Bound<'_, Self>) {
+        let py = slf.py();
+        let this = slf.get();
+        this.stop_accepting();
+        let rt = this.runtime.lock().take();
         if let Some(rt) = rt {
             py.detach(|| rt.shutdown_timeout(Duration::from_secs(2)));
         }
         // Tasks dropped by the shutdown reported Closed; deliver those now.
         for _ in 0..1000 {
-            self.drain(py);
-            if !self.hub.take(0, &mut Vec::new()) {
+            Self::drain(slf);
+            if !this.hub.take(0, &mut Vec::new()) {
                 break;
             }
         }
-        self.local.lock().take();
+        this.local.lock().take();
+    }
+
+    /// Queue `message` to every subscriber of `topic` except `exclude`; returns how many
+    /// subscribers it goes to. Never waits; callable from any thread.
+    #[pyo3(signature = (topic, message, exclude = None))]
+    fn publish(
+        &self,
+        topic: &str,
+        message: &Bound<'_, PyAny>,
+        exclude: Option<&Bound<'_, Connection>>,
+    ) -> PyResult<usize> {
+        let frame = data_frame(message, "publish")?;
+        let exclude = exclude.map(|c| {
+            let c = c.get();
+            let subscribed = c.st.lock().topics.iter().any(|t| &*t.name == topic);
+            (c.shared.id, subscribed)
+        });
+        Ok(self.fanout.publish(topic, frame, exclude))
+    }
+
+    /// How many connections are subscribed to `topic`.
+    fn subscribers(&self, topic: &str) -> usize {
+        self.fanout.subscribers(topic)
     }
 
     /// Re-read the certificate files; new TLS handshakes use the new certificates.
@@ -367,8 +407,50 @@ impl Core {
         d.set_item("frames_out", fout)?;
         rates.set_item("frames_in", rin)?;
         rates.set_item("frames_out", rout)?;
+        d.set_item("dropped", self.fanout.dropped.load(Ordering::Relaxed))?;
+        d.set_item(
+            "backpressure_closes",
+            self.fanout.backpressure_closes.load(Ordering::Relaxed),
+        )?;
+        d.set_item("topics", self.fanout.topics())?;
+        d.set_item("subscriptions", self.fanout.subscriptions())?;
         d.set_item("rates", rates)?;
         d.set_item("rate_window", window.span)?;
         Ok(d)
     }
+}
+
+/// Queue `message` to every connection in `connections` (any iterable of
+/// `lightws.Connection`); returns how many it was queued to. The frame is encoded
+/// once and shared; closed connections are skipped and not counted; a connection over
+/// `max_backpressure` is handled by `on_backpressure` like a publish. Never waits.
+#[pyfunction]
+pub fn broadcast(connections: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let frame = data_frame(message, "broadcast")?;
+    let mut count = 0;
+    for item in connections.try_iter()? {
+        let item = item?;
+        let conn = item.cast::<Connection>().map_err(|_| {
+            pyo3::exceptions::PyTypeError::new_err(format!(
+                "broadcast() takes lightws.Connection objects, not {}",
+                item.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        let c = conn.get();
+        if c.st.lock().finished {
+            continue;
+        }
+        // Behind this connection's own frames on the fan-out route, if any (send.rs).
+        let fanout = &c.core.get().fanout;
+        let queued = if c.fenced() {
+            fanout.send_shared(&c.shared, frame.clone())
+        } else {
+            fanout.deliver(&c.shared, frame.clone())
+        };
+        count += usize::from(queued);
+    }
+    Ok(count)
 }

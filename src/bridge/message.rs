@@ -5,7 +5,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyString, PyTuple};
 
 use super::api::api;
-use crate::frame::OpCode;
+use bytes::Bytes;
+
+use crate::frame::{self, OpCode};
 use crate::lockcheck::assert_unlocked;
 use crate::session::Part;
 use crate::shared::InMsg;
@@ -49,6 +51,39 @@ pub(super) fn to_bytes<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'p
         return Ok(Some(b.cast_into::<PyBytes>()?));
     }
     Ok(None)
+}
+
+/// `message` encoded once as a whole data frame, to be shared by reference among many
+/// connections: `str` -> TEXT, bytes-like -> BINARY, a `Message` -> its TEXT or BINARY
+/// opcode. `what` names the caller in errors.
+pub(super) fn data_frame(message: &Bound<'_, PyAny>, what: &str) -> PyResult<Bytes> {
+    let (op, data) = if let Ok(s) = message.cast::<PyString>() {
+        (OpCode::Text, s.to_str()?.as_bytes().to_vec())
+    } else if let Ok(m) = message.cast::<Message>() {
+        let m = m.get();
+        let op = OpCode::from_u8(m.opcode).unwrap_or(OpCode::Binary);
+        if !matches!(op, OpCode::Text | OpCode::Binary) {
+            return Err(PyValueError::new_err(format!(
+                "{what}() sends data messages: a TEXT or BINARY Message, not {}",
+                op.name()
+            )));
+        }
+        (op, m.body.as_bytes(message.py()).to_vec())
+    } else {
+        match to_bytes(message)? {
+            Some(b) => (OpCode::Binary, b.as_bytes().to_vec()),
+            None => {
+                return Err(PyTypeError::new_err(format!(
+                    "{what}() takes str, a bytes-like object or lightws.Message, not {}",
+                    type_name(message)
+                )))
+            }
+        }
+    };
+    let mut f = Vec::with_capacity(frame::MAX_HEADER_LEN + data.len());
+    frame::encode_header(&mut f, true, op, data.len() as u64, None);
+    f.extend_from_slice(&data);
+    Ok(Bytes::from(f))
 }
 
 #[pymethods]

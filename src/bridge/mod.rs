@@ -37,6 +37,6 @@ mod op;
 mod send;
 
 pub use self::connection::Connection;
-pub use self::core::Core;
+pub use self::core::{broadcast, Core};
 pub use self::message::Message;
 pub use self::op::Op;

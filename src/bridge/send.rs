@@ -4,6 +4,9 @@
 //! while a `conn.writer()` is open) wait their turn in order, and control frames pass
 //! them. Every method locks only to move values (lockcheck.rs).
 
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
+
+use bytes::Bytes;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
@@ -11,6 +14,15 @@ use pyo3::types::{PyBytes, PyString};
 use super::connection::{Connection, Slot};
 use super::op::{is_done, reject, resolve, WaitKind};
 use crate::frame::{self, OpCode};
+
+/// The first byte of a frame's header (FIN and opcode; RSV bits clear).
+fn first_byte(op: OpCode, fin: bool) -> u8 {
+    if fin {
+        0x80 | op.as_u8()
+    } else {
+        op.as_u8()
+    }
+}
 use crate::session::{describe_frame, LogLevel};
 
 /// A message body kept by reference (no copy) until it is queued: `bytes` and `str` are
@@ -160,34 +172,92 @@ impl Connection {
         want_drain: bool,
     ) -> PyResult<bool> {
         let cfg = &self.shared.cfg;
-        let (was_empty, over) = {
-            let mut ob = self.shared.outbox.lock();
-            if ob.closed || ob.closing {
-                None
-            } else {
-                let was_empty = ob.buf.is_empty();
-                // One allocation of the right size (growing from the header's few bytes
-                // would reallocate and copy the payload again).
-                ob.buf.reserve(frame::MAX_HEADER_LEN + data.len());
-                frame::encode_header(&mut ob.buf, fin, op, data.len() as u64, None);
-                ob.buf.extend_from_slice(data);
-                let over = ob.buf.len() > cfg.write_limit;
-                if over || want_drain {
-                    ob.drain_waiting = true;
+        let over = if self.fenced() {
+            self.queue_fenced(py, op, data, fin, want_drain)?;
+            false
+        } else {
+            let (was_empty, over) = {
+                let mut ob = self.shared.outbox.lock();
+                if ob.closed || ob.closing {
+                    None
+                } else {
+                    let was_empty = ob.queue.is_empty();
+                    let before = ob.queue.len();
+                    ob.queue.push_with(|b| {
+                        // One allocation of the right size (growing from the header's
+                        // few bytes would reallocate and copy the payload again).
+                        b.reserve(frame::MAX_HEADER_LEN + data.len());
+                        frame::encode_header(b, fin, op, data.len() as u64, None);
+                        b.extend_from_slice(data);
+                    });
+                    ob.note_frame(first_byte(op, fin));
+                    // Counted under the outbox lock: the task, which subtracts what it
+                    // writes, cannot see the bytes before they are counted.
+                    self.shared
+                        .unsent
+                        .fetch_add(ob.queue.len() - before, Relaxed);
+                    let over = ob.queue.len() > cfg.write_limit;
+                    if over || want_drain {
+                        ob.drain_waiting = true;
+                    }
+                    Some((was_empty, over))
                 }
-                Some((was_empty, over))
             }
-        }
-        .ok_or_else(|| self.closed_error_now(py))?;
-        if was_empty {
-            self.shared.waker.wake();
-        }
+            .ok_or_else(|| self.closed_error_now(py))?;
+            if was_empty {
+                self.shared.waker.wake();
+            }
+            over
+        };
         self.shared.stats.frame_out(op);
         if cfg.log_level >= LogLevel::Debug {
             self.shared
                 .log(LogLevel::Debug, || describe_frame("send", op, data));
         }
         Ok(over)
+    }
+
+    /// Whether this connection's frames must take the fan-out task's route to stay in
+    /// call order: a publish to one of its topics is still being fanned out, or frames
+    /// of its own are already on that route.
+    pub(super) fn fenced(&self) -> bool {
+        if self.shared.fenced.load(Acquire) > 0 {
+            return true;
+        }
+        let st = self.st.lock();
+        st.topics.iter().any(|t| t.busy())
+    }
+
+    /// Queue a frame behind the publishes on their way (see fanout.rs, "Order").
+    fn queue_fenced(
+        &self,
+        py: Python<'_>,
+        op: OpCode,
+        data: &[u8],
+        fin: bool,
+        want_drain: bool,
+    ) -> PyResult<()> {
+        let closing = {
+            let ob = self.shared.outbox.lock();
+            ob.closed || ob.closing
+        };
+        let close_queued = self.st.lock().sent_close.is_some();
+        if closing || close_queued {
+            return Err(self.closed_error_now(py));
+        }
+        let mut b = Vec::with_capacity(frame::MAX_HEADER_LEN + data.len());
+        frame::encode_header(&mut b, fin, op, data.len() as u64, None);
+        b.extend_from_slice(data);
+        self.core
+            .get()
+            .fanout
+            .send_own(self.shared.clone(), Bytes::from(b));
+        if want_drain {
+            // A large send's next fragment waits for a Drained event as usual.
+            self.shared.outbox.lock().drain_waiting = true;
+            self.shared.waker.wake();
+        }
+        Ok(())
     }
 
     /// The task took the outbox: queue the next fragment of a large send, if any.

@@ -6,6 +6,7 @@
 //!   `Sec-WebSocket-Accept` computation a client checks).
 //! - [`security`]: admission rules (allowed origins, trusted proxies, per-address
 //!   connection counts).
+//! - [`outq`]: the outbound queue of frames as chunks (own and shared), for writev.
 //! - [`session`]: one connection's protocol state, sans I/O (close handshake,
 //!   failing, ping/pong and keepalive, assembly, limits), for either role.
 //!
@@ -17,5 +18,6 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod outq;
 pub mod security;
 pub mod session;

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::frame::{self, Decoder, Event, OpCode, Role};
+use crate::outq::OutQueue;
 
 /// Close code reported when the connection ended without a close frame (RFC 6455 7.1.5).
 pub const ABNORMAL_CLOSURE: u16 = 1006;
@@ -107,7 +108,7 @@ pub enum State {
 pub enum Sealed {
     /// The queue is sealed now (no more data frames); these frames were queued before
     /// and go out ahead of the session's close frame.
-    Frames(Vec<u8>),
+    Frames(OutQueue),
     /// The application had already queued its own close frame: it goes out with the
     /// rest of its queue (through [`Session::take_app_output`]).
     AppClosing,
@@ -133,6 +134,8 @@ pub trait Io {
     fn seal_outbound(&mut self) -> Sealed;
     fn frame_in(&mut self, _op: OpCode) {}
     fn frame_out(&mut self, _op: OpCode) {}
+    /// The session queued `n` bytes of its own (a pong, a close, a keepalive ping).
+    fn output_added(&mut self, _n: usize) {}
     fn log_enabled(&self, _level: LogLevel) -> bool {
         false
     }
@@ -164,9 +167,8 @@ pub struct Session {
     /// How the connection ends: the peer's close frame, or ours when we failed it.
     /// (Never both: after failing, input is no longer decoded.)
     end: Option<CloseInfo>,
-    /// Bytes to write, whole frames; `out_pos` of them are written.
-    out: Vec<u8>,
-    out_pos: usize,
+    /// Whole frames to write, the application's and our own, in order.
+    out: OutQueue,
     close_sent: bool,
     write_shut: bool,
     timer_kind: TimerKind,
@@ -193,8 +195,7 @@ impl Session {
             discard_input: false,
             eof: false,
             end: None,
-            out: Vec::new(),
-            out_pos: 0,
+            out: OutQueue::new(),
             close_sent: false,
             write_shut: false,
             timer_kind: TimerKind::None,
@@ -242,7 +243,7 @@ impl Session {
         if self.state != State::Open {
             return false;
         }
-        if self.out.len() - self.out_pos > self.cfg.max_backlog {
+        if self.out.len() > self.cfg.max_backlog {
             return true;
         }
         inbox_full()
@@ -409,41 +410,31 @@ impl Session {
 
     // -- output ----------------------------------------------------------------------
 
-    /// The bytes still to write.
-    pub fn output(&self) -> &[u8] {
-        &self.out[self.out_pos..]
+    /// The output still to write.
+    pub fn output(&self) -> &OutQueue {
+        &self.out
     }
 
-    /// `n` bytes of [`Session::output`] were written. Once everything is written the
-    /// buffer goes back to the allocator (an idle connection holds none).
+    /// `n` bytes of the output were written. Once everything is written its buffers go
+    /// back to the allocator (an idle connection holds none).
     pub fn written(&mut self, n: usize) {
-        self.out_pos += n;
-        debug_assert!(self.out_pos <= self.out.len());
-        if self.out_pos == self.out.len() && !self.out.is_empty() {
-            self.out = Vec::new();
-            self.out_pos = 0;
-        }
+        self.out.advance(n);
     }
 
     /// Whether the application's queued frames can be taken now: only once the
     /// previous batch is written, so that the application's queue (bounded by its
     /// write_limit) is what fills up while the peer is slow.
     pub fn can_take_app_output(&self) -> bool {
-        self.out_pos == self.out.len() && !self.write_shut
+        self.out.is_empty() && !self.write_shut
     }
 
-    /// Take the application's encoded frames (swapped out of `frames`, which is left
-    /// empty). `closing`: they end with the application's close frame.
-    pub fn take_app_output(&mut self, frames: &mut Vec<u8>, closing: bool, now: Instant) {
+    /// Take the application's encoded frames (`frames` is left empty). `closing`: they
+    /// end with the application's close frame.
+    pub fn take_app_output(&mut self, frames: &mut OutQueue, closing: bool, now: Instant) {
         if frames.is_empty() {
             return;
         }
-        if self.out.is_empty() {
-            std::mem::swap(&mut self.out, frames);
-        } else {
-            self.out.extend_from_slice(frames);
-            *frames = Vec::new();
-        }
+        self.out.append(frames);
         if self.timer_kind == TimerKind::Keepalive {
             self.last_activity = now;
         }
@@ -463,7 +454,10 @@ impl Session {
 
     fn queue_control<I: Io>(&mut self, op: OpCode, payload: &[u8], io: &mut I) {
         let mask = self.mask();
-        frame::encode_frame(&mut self.out, true, op, payload, mask);
+        let before = self.out.len();
+        self.out
+            .push_with(|b| frame::encode_frame(b, true, op, payload, mask));
+        io.output_added(self.out.len() - before);
         io.frame_out(op);
     }
 
@@ -486,22 +480,28 @@ impl Session {
         match io.seal_outbound() {
             // The application's close frame is queued: it goes out with its queue.
             Sealed::AppClosing => return,
-            Sealed::Frames(mut pending) => {
-                if !pending.is_empty() {
-                    if self.out_pos == self.out.len() {
-                        self.out = pending;
-                        self.out_pos = 0;
-                    } else {
-                        self.out.append(&mut pending);
-                    }
-                }
-            }
+            Sealed::Frames(mut pending) => self.out.append(&mut pending),
         }
         let payload = frame::close_payload(code, reason);
         self.queue_control(OpCode::Close, &payload, io);
         Self::debug_frame(io, "send", OpCode::Close, &payload);
         self.close_sent = true;
         self.enter_closing(now);
+    }
+
+    /// Close from the application side with `code` (e.g. 1013 for a slow consumer over
+    /// its back-pressure limit): our close frame goes after what is queued, the
+    /// application sees the connection closed with `code`, and the peer's close (or
+    /// close_timeout) ends it. Nothing happens once a close is under way.
+    pub fn close_now<I: Io>(&mut self, code: u16, reason: &str, now: Instant, io: &mut I) {
+        if self.close_sent || self.state != State::Open {
+            return;
+        }
+        io.closed(CloseInfo {
+            code,
+            reason: reason.to_owned(),
+        });
+        self.send_close(Some(code), reason, now, io);
     }
 
     /// Fail the WebSocket connection (RFC 6455 7.1.7): send a close with `code`, stop
@@ -525,10 +525,7 @@ impl Session {
     /// Whether to shut down our side of TCP now: our close frame and everything
     /// before it is written, and the connection is no longer open.
     pub fn wants_shutdown(&self) -> bool {
-        !self.write_shut
-            && self.out_pos == self.out.len()
-            && self.state != State::Open
-            && self.close_sent
+        !self.write_shut && self.out.is_empty() && self.state != State::Open && self.close_sent
     }
 
     /// Our side of TCP is shut down (FIN sent).
@@ -670,7 +667,7 @@ mod tests {
         delivered: Vec<(OpCode, Vec<u8>, Part)>,
         closed: Option<CloseInfo>,
         /// Frames the application queued, handed over when the session seals.
-        app_queue: Vec<u8>,
+        app_queue: OutQueue,
         app_closing: bool,
         sealed: bool,
         assembling: bool,
@@ -754,6 +751,14 @@ mod tests {
             OpCode::Close,
             &frame::close_payload(Some(code), reason),
         )
+    }
+
+    /// The application's queue holding its close frame (code 1000).
+    fn close_from_app() -> OutQueue {
+        let mut app = OutQueue::new();
+        let payload = frame::close_payload(Some(1000), "");
+        app.push_with(|b| frame::encode_frame(b, true, OpCode::Close, &payload, None));
+        app
     }
 
     fn feed(s: &mut Session, io: &mut Rec, bytes: &[u8], now: Instant) {
@@ -958,7 +963,11 @@ mod tests {
         let mut ping = Vec::new();
         frame::encode_frame(&mut ping, true, OpCode::Ping, b"p", None);
         feed(&mut s, &mut io, &ping, t);
-        assert_eq!(s.output()[1] & 0x80, 0x80, "client frames are masked");
+        assert_eq!(
+            s.output().to_vec()[1] & 0x80,
+            0x80,
+            "client frames are masked"
+        );
         // A masked frame from the server is a protocol error (RFC 6455 5.1).
         feed(&mut s, &mut io, &client_frame(true, OpCode::Text, b"x"), t);
         assert_eq!(io.closed.unwrap().code, 1002);
@@ -1011,8 +1020,8 @@ mod tests {
         let (mut s, t) = session();
         let mut io = Rec {
             app_queue: {
-                let mut q = Vec::new();
-                frame::encode_frame(&mut q, true, OpCode::Text, b"queued", None);
+                let mut q = OutQueue::new();
+                q.push_with(|b| frame::encode_frame(b, true, OpCode::Text, b"queued", None));
                 q
             },
             ..Default::default()
@@ -1069,14 +1078,7 @@ mod tests {
         s.app_closing(t);
         assert_eq!(s.state(), State::Closing);
         assert_eq!(s.deadline(), Some(t + Duration::from_secs(5)));
-        let mut app = Vec::new();
-        frame::encode_frame(
-            &mut app,
-            true,
-            OpCode::Close,
-            &frame::close_payload(Some(1000), ""),
-            None,
-        );
+        let mut app = close_from_app();
         assert!(s.can_take_app_output());
         s.take_app_output(&mut app, true, t);
         assert!(app.is_empty());
@@ -1131,14 +1133,7 @@ mod tests {
             "the application's close goes out instead"
         );
         assert!(!s.wants_shutdown(), "not before that close is written");
-        let mut app = Vec::new();
-        frame::encode_frame(
-            &mut app,
-            true,
-            OpCode::Close,
-            &frame::close_payload(Some(1000), ""),
-            None,
-        );
+        let mut app = close_from_app();
         s.take_app_output(&mut app, true, t);
         written_frames(&mut s);
         assert!(s.wants_shutdown());
@@ -1181,14 +1176,7 @@ mod tests {
     #[test]
     fn eof_after_our_close_went_out_waits_for_our_fin() {
         let (mut s, t) = session();
-        let mut app = Vec::new();
-        frame::encode_frame(
-            &mut app,
-            true,
-            OpCode::Close,
-            &frame::close_payload(Some(1000), ""),
-            None,
-        );
+        let mut app = close_from_app();
         s.app_closing(t);
         s.take_app_output(&mut app, true, t);
         s.receive_eof();
@@ -1212,13 +1200,14 @@ mod tests {
     fn application_output_is_taken_only_once_the_previous_batch_is_written() {
         let (mut s, t) = session();
         let mut io = Rec::default();
-        let mut a = b"AAAA".to_vec();
+        let mut a = OutQueue::new();
+        a.push_with(|b| b.extend_from_slice(b"AAAA"));
         s.take_app_output(&mut a, false, t);
         s.written(2);
         assert!(!s.can_take_app_output());
         // Pongs still go out behind it.
         feed(&mut s, &mut io, &client_frame(true, OpCode::Ping, b""), t);
-        assert_eq!(&s.output()[..2], b"AA");
+        assert_eq!(&s.output().to_vec()[..2], b"AA");
         let n = s.output().len();
         s.written(n);
         assert!(s.can_take_app_output());
@@ -1256,14 +1245,7 @@ mod tests {
     fn no_pong_is_sent_after_our_close() {
         let (mut s, t) = session();
         let mut io = Rec::default();
-        let mut app = Vec::new();
-        frame::encode_frame(
-            &mut app,
-            true,
-            OpCode::Close,
-            &frame::close_payload(Some(1000), ""),
-            None,
-        );
+        let mut app = close_from_app();
         s.app_closing(t);
         s.take_app_output(&mut app, true, t);
         written_frames(&mut s);
@@ -1345,7 +1327,8 @@ mod tests {
             ..config()
         });
         let mut io = Rec::default();
-        let mut a = b"frame".to_vec();
+        let mut a = OutQueue::new();
+        a.push_with(|b| b.extend_from_slice(b"frame"));
         s.take_app_output(&mut a, false, t + Duration::from_secs(20));
         assert!(!s.on_timer(t + Duration::from_secs(30), &mut io));
         assert!(io.closed.is_none());

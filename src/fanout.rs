@@ -1,0 +1,276 @@
+//! Topics, publish and broadcast: one frame encoded once, shared by reference among
+//! every subscriber's outbound queue, fanned out on a tokio thread.
+//!
+//! - **Registry.** A topic name maps to a [`Topic`] holding its subscribers (an
+//!   `IndexMap` by connection id: O(1) subscribe and unsubscribe). A topic with no
+//!   subscriber is removed: it costs nothing. Subscriptions change on the loop thread
+//!   only (`conn.subscribe`, `conn.unsubscribe`, a connection closing).
+//! - **Publish.** `server.publish` (any thread) encodes the frame once into a
+//!   [`Bytes`], counts the subscribers (an atomic, not a walk) and hands a job to the
+//!   fan-out task: the caller's cost does not depend on how many subscribers there
+//!   are. The task walks the subscribers and queues the shared frame on each
+//!   ([`ConnShared::push_shared`]), applying the slow-consumer policy: a publisher
+//!   never waits for a slow consumer.
+//! - **Order.** Jobs are handled in the order they were queued, so one thread's
+//!   publishes reach every subscriber in order. A connection's own frames queued while
+//!   one of its topics has a publish still on its way are routed through the same
+//!   task ([`Fanout::send_own`]), so sends and publishes reach it in call order.
+//!
+//! Locks: the registry lock, then a topic's subscriber lock, then (inside it) one
+//! connection's outbox at a time. A connection lock is never held while taking a
+//! topic or registry lock (lockcheck.rs, docs/architecture.md).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use indexmap::IndexMap;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use crate::shared::{Backpressure, ConnShared, Fanned};
+
+/// One topic: its name and its subscribers.
+pub struct Topic {
+    pub name: Arc<str>,
+    subs: Mutex<IndexMap<u64, Arc<ConnShared>>>,
+    /// Subscribers, readable without the lock (publish counts with it).
+    count: AtomicUsize,
+    /// Publishes queued for the fan-out task and not yet fanned out.
+    in_flight: AtomicUsize,
+}
+
+impl Topic {
+    /// A publish to this topic is still on its way to the subscribers.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+enum Job {
+    Publish {
+        topic: Arc<Topic>,
+        frame: Bytes,
+        exclude: Option<u64>,
+    },
+    /// A connection's own frame, routed through the task to keep its order.
+    Own { conn: Arc<ConnShared>, frame: Bytes },
+    /// A broadcast frame for one connection, routed likewise.
+    Shared { conn: Arc<ConnShared>, frame: Bytes },
+}
+
+/// The topics of one server and its fan-out task.
+pub struct Fanout {
+    topics: Mutex<HashMap<Arc<str>, Arc<Topic>>>,
+    tx: OnceLock<mpsc::UnboundedSender<Job>>,
+    policy: Backpressure,
+    subscriptions: AtomicUsize,
+    /// Fanned-out frames skipped for a connection over `max_backpressure` ("drop").
+    pub dropped: AtomicU64,
+    /// Connections closed with 1013 for going over `max_backpressure` ("close").
+    pub backpressure_closes: AtomicU64,
+}
+
+impl Fanout {
+    pub fn new(policy: Backpressure) -> Self {
+        Self {
+            topics: Mutex::new(HashMap::new()),
+            tx: OnceLock::new(),
+            policy,
+            subscriptions: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            backpressure_closes: AtomicU64::new(0),
+        }
+    }
+
+    /// Start the fan-out task on the server's runtime (once, at `Server.start`).
+    pub fn start(self: &Arc<Self>, rt: &tokio::runtime::Runtime) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if self.tx.set(tx).is_ok() {
+            rt.spawn(self.clone().run(rx));
+        }
+    }
+
+    /// Topics with at least one subscriber.
+    pub fn topics(&self) -> usize {
+        self.topics.lock().len()
+    }
+
+    /// Subscriptions over all topics.
+    pub fn subscriptions(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    pub fn subscribers(&self, name: &str) -> usize {
+        self.topics.lock().get(name).map_or(0, |t| t.subscribers())
+    }
+
+    /// Subscribe `conn`; returns the topic if it was not subscribed yet.
+    pub fn subscribe(&self, conn: &Arc<ConnShared>, name: &str) -> Option<Arc<Topic>> {
+        let topic = {
+            let mut topics = self.topics.lock();
+            match topics.get(name) {
+                Some(t) => t.clone(),
+                None => {
+                    let name: Arc<str> = Arc::from(name);
+                    let t = Arc::new(Topic {
+                        name: name.clone(),
+                        subs: Mutex::new(IndexMap::new()),
+                        count: AtomicUsize::new(0),
+                        in_flight: AtomicUsize::new(0),
+                    });
+                    topics.insert(name, t.clone());
+                    t
+                }
+            }
+        };
+        let added = topic.subs.lock().insert(conn.id, conn.clone()).is_none();
+        if !added {
+            return None;
+        }
+        topic.count.fetch_add(1, Ordering::Relaxed);
+        self.subscriptions.fetch_add(1, Ordering::Relaxed);
+        Some(topic)
+    }
+
+    /// Unsubscribe connection `id` from `topic`; a topic left without subscribers is
+    /// removed from the registry.
+    pub fn unsubscribe(&self, id: u64, topic: &Arc<Topic>) {
+        let (removed, empty) = {
+            let mut subs = topic.subs.lock();
+            let removed = subs.swap_remove(&id);
+            (removed, subs.is_empty())
+        };
+        if removed.is_none() {
+            return;
+        }
+        drop(removed);
+        topic.count.fetch_sub(1, Ordering::Relaxed);
+        self.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        if empty {
+            let mut topics = self.topics.lock();
+            if let Some(t) = topics.get(&topic.name) {
+                if Arc::ptr_eq(t, topic) && topic.subscribers() == 0 {
+                    topics.remove(&topic.name);
+                }
+            }
+        }
+    }
+
+    /// Queue `frame` to every subscriber of `name` except connection `exclude`; returns
+    /// how many subscribers it goes to. The walk happens on the fan-out task.
+    pub fn publish(&self, name: &str, frame: Bytes, exclude: Option<(u64, bool)>) -> usize {
+        let topic = match self.topics.lock().get(name) {
+            Some(t) => t.clone(),
+            None => return 0,
+        };
+        let excluded = matches!(exclude, Some((_, true)));
+        let count = topic.subscribers().saturating_sub(usize::from(excluded));
+        if count == 0 {
+            return 0;
+        }
+        let Some(tx) = self.tx.get() else {
+            return 0;
+        };
+        topic.in_flight.fetch_add(1, Ordering::AcqRel);
+        let job = Job::Publish {
+            topic: topic.clone(),
+            frame,
+            exclude: exclude.map(|(id, _)| id),
+        };
+        if tx.send(job).is_err() {
+            // The runtime is shutting down: nothing will be written any more.
+            topic.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return 0;
+        }
+        count
+    }
+
+    /// Queue one connection's own frame behind the publishes already on their way.
+    pub fn send_own(&self, conn: Arc<ConnShared>, frame: Bytes) {
+        conn.fenced.fetch_add(1, Ordering::AcqRel);
+        let Some(tx) = self.tx.get() else {
+            conn.fenced.fetch_sub(1, Ordering::AcqRel);
+            return conn.push_own(frame);
+        };
+        if let Err(mpsc::error::SendError(Job::Own { conn, frame })) =
+            tx.send(Job::Own { conn, frame })
+        {
+            conn.fenced.fetch_sub(1, Ordering::AcqRel);
+            conn.push_own(frame);
+        }
+    }
+
+    /// Queue a broadcast frame on one connection, behind what is on its way to it.
+    /// True if it was queued (or is on its way).
+    pub fn send_shared(&self, conn: &Arc<ConnShared>, frame: Bytes) -> bool {
+        let Some(tx) = self.tx.get() else {
+            return self.deliver(conn, frame);
+        };
+        conn.fenced.fetch_add(1, Ordering::AcqRel);
+        let job = Job::Shared {
+            conn: conn.clone(),
+            frame,
+        };
+        if let Err(mpsc::error::SendError(Job::Shared { conn, frame })) = tx.send(job) {
+            conn.fenced.fetch_sub(1, Ordering::AcqRel);
+            return self.deliver(&conn, frame);
+        }
+        true
+    }
+
+    /// Queue a shared frame on one connection with the slow-consumer policy, counting
+    /// what the policy did. True if it was queued.
+    pub fn deliver(&self, conn: &ConnShared, frame: Bytes) -> bool {
+        match conn.push_shared(frame, Some(self.policy)) {
+            Fanned::Queued => true,
+            Fanned::Dropped => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Fanned::Overflowed => {
+                self.backpressure_closes.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Fanned::Skipped => false,
+        }
+    }
+
+    async fn run(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Job>) {
+        let mut batch = Vec::with_capacity(64);
+        while rx.recv_many(&mut batch, 64).await > 0 {
+            for job in batch.drain(..) {
+                match job {
+                    Job::Publish {
+                        topic,
+                        frame,
+                        exclude,
+                    } => {
+                        {
+                            let subs = topic.subs.lock();
+                            for (id, conn) in subs.iter() {
+                                if Some(*id) != exclude {
+                                    self.deliver(conn, frame.clone());
+                                }
+                            }
+                        }
+                        topic.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    Job::Own { conn, frame } => {
+                        conn.push_own(frame);
+                        conn.fenced.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    Job::Shared { conn, frame } => {
+                        self.deliver(&conn, frame);
+                        conn.fenced.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+            }
+        }
+    }
+}
