@@ -1,8 +1,9 @@
 """A real browser against ``python -m lightws echo``: headless Chromium loads the echo
 demo page (served by the same port through ``http_fallback``), the test drives the page
 through the Chrome DevTools Protocol (over a WebSocket, with the websockets client) and
-reads the echoed messages back from the page's DOM. And a page from one origin trying a
-server that allows only another (``Config.origins``, cross-site WebSocket hijacking).
+reads the echoed messages back from the page's DOM. The chat page against ``python -m
+lightws chat``, in one room with a websockets client. And a page from one origin trying
+a server that allows only another (``Config.origins``, cross-site WebSocket hijacking).
 
 Skipped only when no Chromium binary is installed or it cannot start; ``.ci/run``
 installs Debian's ``chromium``.
@@ -24,7 +25,7 @@ import lightws
 import pytest
 import trustme
 from support import Process, echo_handler, eventually, serve
-from support.demos import Demo, start_demo
+from support.demos import Demo, recv_json, start_demo
 from websockets.asyncio.client import ClientConnection, connect
 
 pytestmark = pytest.mark.asyncio_loop_only  # server and browser run in their own processes
@@ -230,6 +231,100 @@ async def test_browser_echoes_over_wss(tmp_path: Path) -> None:
     finally:
         await demo.stop()
     assert got == [["text", "secure"], ["binary", hex_bytes(b"secure")]]
+
+
+# Helpers for the chat page, prepended to each script below.
+CHAT_HELPERS = """
+const $ = (id) => document.getElementById(id);
+const until = async (what, cond) => {
+  for (let i = 0; i < 400; i++) {
+    if (cond()) return;
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+  throw new Error("timed out waiting for " + what + "; status: " + $("status").textContent);
+};
+const lines = () => Array.from($("log").children, (li) => li.dataset.type + " " + li.textContent);
+"""
+
+
+def chat_script(body: str, **values: Any) -> str:
+    """An async script for the chat page: ``body`` after the helpers, each ``NAME`` in it
+    replaced by ``values[NAME]`` as JSON."""
+    for name, value in values.items():
+        body = body.replace(name, json.dumps(value))
+    return f"(async () => {{{CHAT_HELPERS}{body}}})()"
+
+
+# Wait until the page is in its room and shows COUNT members.
+CHAT_JOINED = """
+await until("the join", () => $("status").dataset.state === "joined");
+await until(COUNT + " members", () => $("members").dataset.count === String(COUNT));
+return $("status").textContent;
+"""
+
+# Type TEXT, press Send, wait until the server relayed it back to the page.
+CHAT_SAY = """
+const before = lines().length;
+$("text").value = TEXT;
+$("send").click();
+const relayed = () => lines().slice(before).some((l) => l.startsWith("message "));
+await until("the relayed message", relayed);
+return {said: lines().slice(before), input: $("text").value};
+"""
+
+# Wait until the page shows a message from WHO.
+CHAT_SHOWN = """
+const from = (l) => l.startsWith("message " + WHO + ": ");
+await until("a message from " + WHO, () => lines().some(from));
+return {lines: lines(), members: $("members").textContent};
+"""
+
+
+async def test_browser_chat_page_and_a_websockets_client_in_one_room(tmp_path: Path) -> None:
+    demo = await start_demo("chat")
+    ws = f"ws://127.0.0.1:{demo.port}"
+    try:
+        async with chromium(tmp_path) as browser:
+            session = await browser.open_page(f"http://127.0.0.1:{demo.port}/?room=r1&name=page")
+            # The page names itself in its first message.
+            status = await browser.evaluate(session, chat_script(CHAT_JOINED, COUNT=1))
+            assert status == "in r1 as page"
+            async with (
+                connect(ws + "/?room=r1&name=bot") as bot,
+                connect(ws + "/?room=r2&name=out") as outsider,
+            ):
+                assert await recv_json(bot) == {
+                    "type": "join",
+                    "room": "r1",
+                    "name": "bot",
+                    "members": 2,
+                }
+                assert (await recv_json(outsider))["members"] == 1
+                await browser.evaluate(session, chat_script(CHAT_JOINED, COUNT=2))
+                said = await browser.evaluate(
+                    session, chat_script(CHAT_SAY, TEXT="héllo from the page")
+                )
+                assert said == {"said": ["message page: héllo from the page"], "input": ""}
+                assert await recv_json(bot) == {
+                    "type": "message",
+                    "room": "r1",
+                    "name": "page",
+                    "text": "héllo from the page",
+                }
+                # And the other way: the page shows what the client said in the room.
+                await bot.send(json.dumps({"type": "message", "text": "hi <b>page</b>"}))
+                shown = await browser.evaluate(session, chat_script(CHAT_SHOWN, WHO="bot"))
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(outsider.recv(), 0.3)  # another room
+    finally:
+        await demo.stop()
+    assert shown["members"] == "2"
+    assert shown["lines"] == [
+        "join page joined (1 here)",
+        "join bot joined (2 here)",
+        "message page: héllo from the page",
+        "message bot: hi <b>page</b>",  # shown as text, not markup
+    ]
 
 
 # Opens a WebSocket to each URL in turn from the page and reports what the page can see:

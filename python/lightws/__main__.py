@@ -3,6 +3,7 @@
     python -m lightws echo      --addr 127.0.0.1:9001   # ?reverse=1 reverses
     python -m lightws countdown --addr 127.0.0.1:9001   # send N: "N...", ..., "boom!"
     python -m lightws push      --addr 127.0.0.1:9001 --put-addr 127.0.0.1:9002
+    python -m lightws chat      --addr 127.0.0.1:9001   # rooms: ?room=lobby&name=alice
 
 Open http://127.0.0.1:9001/ in a browser for the demo's page. SIGINT/SIGTERM stop
 accepting, close every connection with 1001 (waiting up to --close-timeout) and exit 0;
@@ -29,13 +30,22 @@ from typing import Any
 
 from . import Config, HandshakeFunc, LogLevel, Server, _bench
 from ._run import ShutdownOnSignals
-from .demos import PushRegistry, countdown_handshake, echo_handshake
+from .demos import PushRegistry, chat_handshake, countdown_handshake, echo_handshake
+from .demos.chat import MAX_MESSAGE
 
 __all__ = ["main"]
 
+#: --max-msg-len unless given.
+MAX_MSG_LEN = 16 << 20
+#: --max-msg-len of the chat demo unless given: a chat message is small, and what is
+#: over this is closed with 1009 before it is read (between MAX_MESSAGE and this, the
+#: client gets a too_long error message instead). Not with set_defaults(): subcommands
+#: share the common options' actions, so that would change every demo's default.
+CHAT_MAX_MSG_LEN = 4 * MAX_MESSAGE
+
 #: Makes the servers a demo runs beside its main one (started after it, closed before),
-#: each with the path to show in the banner.
-SideServers = Callable[[], list[tuple[Server, str]]]
+#: each with the path to show in the banner; it is given the main server.
+SideServers = Callable[[Server], list[tuple[Server, str]]]
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
@@ -82,7 +92,7 @@ async def _serve(
         stack.enter_context(shutdown)  # first: a signal during startup is not lost
         try:
             server = await stack.enter_async_context(Server(config))
-            extras = side() if side else []
+            extras = side(server) if side else []
             for extra, _ in extras:
                 await stack.enter_async_context(extra)
         except (ValueError, TypeError, OSError) as e:
@@ -130,7 +140,10 @@ def _common_options() -> argparse.ArgumentParser:
         help="lightws log level (default %(default)s)",
     )
     common.add_argument(
-        "--max-msg-len", type=int, default=16 << 20, help="bytes (default %(default)s)"
+        "--max-msg-len",
+        type=int,
+        default=None,
+        help=f"bytes (default {MAX_MSG_LEN}; chat: {CHAT_MAX_MSG_LEN})",
     )
     common.add_argument("--threads", type=int, default=1, help="I/O threads (default 1)")
     common.add_argument(
@@ -210,13 +223,22 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="clients register with ?id=; GET /put/?id=&msg= on --put-addr pushes to them",
         description="Clients connect with ?id=NAME; GET /put/?id=NAME&msg=TEXT on the "
-        "localhost-only --put-addr sends TEXT to that client (400 no_id without an id, "
-        "404 unknown_id for an id nobody registered).",
+        "localhost-only --put-addr sends TEXT to every client registered as NAME (400 "
+        "no_id without an id, 404 unknown_id for an id nobody registered).",
     )
     push.add_argument(
         "--put-addr",
         default="127.0.0.1:9002",
         help="loopback host:port of the HTTP push endpoint (default %(default)s)",
+    )
+    sub.add_parser(
+        "chat",
+        parents=[common],
+        help="chat rooms: ?room=ROOM&name=NAME, JSON messages relayed to the whole room",
+        description="Chat rooms on topics: connect with ?room=ROOM (default lobby) and "
+        '?name=NAME (or send {"type": "join", "name": NAME} first); each '
+        '{"type": "message", "text": TEXT} goes to everyone in the room, join and leave '
+        "notices carry the member count, bad input gets an error message back.",
     )
     bench = sub.add_parser("bench", help="load generator: echo, rate and idle loads")
     _bench.add_arguments(bench)
@@ -238,7 +260,8 @@ def _demo(args: argparse.Namespace, level: LogLevel) -> tuple[HandshakeFunc, Sid
             )
         registry = PushRegistry()
 
-        def side() -> list[tuple[Server, str]]:
+        def side(server: Server) -> list[tuple[Server, str]]:
+            registry.server = server  # the put endpoint publishes to its clients' topics
             registry.put_url = f"http://{args.put_addr}/put/"
             put = Config(
                 addr=args.put_addr,
@@ -249,7 +272,16 @@ def _demo(args: argparse.Namespace, level: LogLevel) -> tuple[HandshakeFunc, Sid
             return [(Server(put), "/put/?id=ID&msg=TEXT")]
 
         return registry.handshake, side
+    if args.command == "chat":
+        return chat_handshake, None
     return echo_handshake, None
+
+
+def _max_msg_len(args: argparse.Namespace) -> int:
+    """``--max-msg-len``, or the chosen demo's default."""
+    if args.max_msg_len is not None:
+        return int(args.max_msg_len)
+    return CHAT_MAX_MSG_LEN if args.command == "chat" else MAX_MSG_LEN
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -273,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_fallback=True,
         cert_file=args.cert,
         key_file=args.key,
-        max_msg_len=args.max_msg_len,
+        max_msg_len=_max_msg_len(args),
         log_level=level,
         threads=args.threads,
         origins=_origins(args.origin),

@@ -1,13 +1,18 @@
-"""``python -m lightws <demo>`` (echo, countdown, push) running in its own process."""
+"""``python -m lightws <demo>`` (echo, countdown, push, chat) running in its own process."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from typing import Any
+
 import aiohttp
+from websockets.asyncio.client import ClientConnection
 
 from .ports import free_port
 from .process import LIGHTWS, Process, astart
 
-__all__ = ["Demo", "http_get", "start_demo"]
+__all__ = ["Demo", "http_get", "recv_json", "start_demo"]
 
 
 class Demo:
@@ -55,3 +60,13 @@ async def http_get(url: str, method: str = "GET") -> tuple[int, str, str]:
         session.request(method, url, timeout=aiohttp.ClientTimeout(total=10)) as response,
     ):
         return response.status, response.headers.get("Content-Type", ""), await response.text()
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 5) -> dict[str, Any]:
+    """The next message ``ws`` receives, a JSON object in a TEXT message (the chat
+    demo's events)."""
+    raw = await asyncio.wait_for(ws.recv(), timeout)
+    assert isinstance(raw, str), raw
+    decoded = json.loads(raw)
+    assert isinstance(decoded, dict), decoded
+    return decoded

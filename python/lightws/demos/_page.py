@@ -12,7 +12,8 @@ __all__ = ["answer_http", "page"]
 
 @functools.cache
 def page(name: str) -> bytes:
-    """The HTML page of demo ``name`` (``"echo"``, ``"countdown"`` or ``"push"``)."""
+    """The HTML page of demo ``name`` (``"echo"``, ``"countdown"``, ``"push"`` or
+    ``"chat"``)."""
     return resources.files(__package__ or "lightws.demos").joinpath(f"{name}.html").read_bytes()
 
 

@@ -1,10 +1,16 @@
 """The seed's push demo: clients register with ``ws://host/?id=NAME``; a plain HTTP
 request ``GET /put/?id=NAME&msg=TEXT`` on a second, localhost-only server sends
-``TEXT`` to that client.
+``TEXT`` to every client registered with that id.
 
-The HTTP side answers ``200 ok`` when the message was handed to the client, ``400
-no_id`` without an id, ``404 unknown_id`` when no client has that id. A second client
-with an id already in use takes it over; the first is closed with 4001.
+Registering is subscribing: each client's handler calls ``conn.subscribe("id:NAME")``
+and the push is one ``server.publish("id:NAME", TEXT)`` (docs/pubsub.md). There is no
+registry of connections in Python; a closed connection is unsubscribed by lightws.
+Several clients may share an id (two tabs, a phone and a laptop): each of them gets
+every message pushed to it.
+
+The HTTP side answers ``200 ok`` when the message went to at least one client (the
+``X-Delivered`` header says to how many), ``400 no_id`` without an id, ``404
+unknown_id`` when no client has that id.
 
 The HTTP side is a second :class:`lightws.Server` with ``http_fallback=True`` whose
 handshake never accepts an upgrade. It has no authentication: bind it to loopback only.
@@ -14,35 +20,32 @@ from the browser.
 
 from __future__ import annotations
 
-import asyncio
-
 from .._lightws import Connection
 from ..config import Handler
-from ..exceptions import ConnectionClosed
 from ..http import Request, Response
+from ..server import Server
 from ._page import answer_http
 
-__all__ = ["REPLACED", "PushRegistry"]
+__all__ = ["PushRegistry", "push_topic"]
 
-#: Close code sent to a client whose id was taken over by a newer connection.
-REPLACED = 4001
+
+def push_topic(client_id: str) -> str:
+    """The topic a client registered as ``client_id`` is subscribed to."""
+    return f"id:{client_id}"
 
 
 class PushRegistry:
-    """The registered clients, by id, and the two handshakes of the push demo.
+    """The two handshakes of the push demo; the registry itself is the topics of
+    ``server``, the WebSocket server the clients connect to.
 
-    ``put_url`` is shown on the demo page (set it once the HTTP server is bound).
+    ``server`` is needed by :meth:`push` and :meth:`put_handshake` (set it once that
+    server is created); ``put_url`` is shown on the demo page (set it once the HTTP
+    server is bound).
     """
 
-    def __init__(self, put_url: str = "") -> None:
+    def __init__(self, put_url: str = "", server: Server | None = None) -> None:
         self.put_url = put_url
-        self._clients: dict[str, Connection] = {}
-        self._closing: set[asyncio.Task[None]] = set()
-
-    @property
-    def ids(self) -> list[str]:
-        """The ids of the registered clients."""
-        return list(self._clients)
+        self.server = server
 
     def handshake(self, request: Request, response: Response) -> Handler | None:
         """The WebSocket side: accept ``?id=NAME``, reject without an id (400
@@ -57,32 +60,24 @@ class PushRegistry:
             return None
 
         async def handler(conn: Connection) -> None:
-            self._register(client_id, conn)
-            try:
-                async for _ in conn:
-                    pass  # clients only listen; whatever they send is dropped
-            finally:
-                if self._clients.get(client_id) is conn:
-                    del self._clients[client_id]
+            conn.subscribe(push_topic(client_id))
+            async for _ in conn:
+                pass  # clients only listen; whatever they send is dropped
 
         return handler
 
-    async def push(self, client_id: str, message: str) -> bool:
-        """Send ``message`` to client ``client_id``; False if there is no such client
-        (or it closed meanwhile)."""
-        conn = self._clients.get(client_id)
-        if conn is None or conn.closed:
-            return False
-        try:
-            await conn.send(message)
-        except ConnectionClosed:
-            return False
-        return True
+    def push(self, client_id: str, message: str) -> int:
+        """Send ``message`` to every client registered as ``client_id``; return how
+        many (0: no such client, or no server yet). Never waits."""
+        if self.server is None:
+            return 0
+        return self.server.publish(push_topic(client_id), message)
 
-    async def put_handshake(self, request: Request, response: Response) -> Handler | None:
+    def put_handshake(self, request: Request, response: Response) -> Handler | None:
         """The HTTP side (run it with ``http_fallback=True``): ``GET /put/?id=&msg=``."""
         response.headers["Content-Type"] = "text/plain; charset=utf-8"
         response.headers["Access-Control-Allow-Origin"] = "*"
+        response.headers["Access-Control-Expose-Headers"] = "X-Delivered"
         if request.upgrade:
             response.status = 400
             response.body = b"plain HTTP only: GET /put/?id=&msg="
@@ -96,25 +91,11 @@ class PushRegistry:
         elif not request.query.get("id"):
             response.status = 400
             response.body = b"no_id"
-        elif await self.push(request.query["id"], request.query.get("msg", "")):
+        elif delivered := self.push(request.query["id"], request.query.get("msg", "")):
             response.status = 200
+            response.headers["X-Delivered"] = str(delivered)
             response.body = b"ok"
         else:
             response.status = 404
             response.body = b"unknown_id"
         return None
-
-    def _register(self, client_id: str, conn: Connection) -> None:
-        old = self._clients.get(client_id)
-        self._clients[client_id] = conn
-        if old is not None and not old.closed:
-            task = asyncio.ensure_future(_close(old, REPLACED, "replaced by a newer connection"))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-
-async def _close(conn: Connection, code: int, reason: str) -> None:
-    try:
-        await conn.close(code, reason)
-    except ConnectionClosed:
-        pass
