@@ -34,6 +34,7 @@ GROUPS: list[tuple[str, list[str]]] = [
     ("Server and configuration", ["run", "Server", "Config", "Stats", "Rates"]),
     ("Handshake", ["HandshakeFunc", "Handler", "Request", "Response", "Headers"]),
     ("Connections and messages", ["Connection", "Message"]),
+    ("Client", ["connect"]),
     ("Constants", ["Opcode", "CloseCode", "LogLevel"]),
     (
         "Exceptions",
@@ -44,6 +45,7 @@ GROUPS: list[tuple[str, list[str]]] = [
             "ConnectionClosedError",
             "ProtocolError",
             "PayloadTooBig",
+            "InvalidHandshake",
         ],
     ),
 ]

@@ -81,9 +81,11 @@ def join(conn: lightws.Connection, name: str) -> None:
 def publish(conn: lightws.Connection, kind: str, **fields: Any) -> None:
     """One event to the whole room of ``conn``; join and leave carry the member count."""
     event = {"type": kind, "room": conn.room, **fields}
+    server = conn.server
+    assert server is not None  # a server's connection (None only on client connections)
     if kind != "message":
-        event["members"] = conn.server.subscribers(conn.room)
-    conn.server.publish(conn.room, json.dumps(event))
+        event["members"] = server.subscribers(conn.room)
+    server.publish(conn.room, json.dumps(event))
 
 
 if __name__ == "__main__":

@@ -42,11 +42,51 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
         ld.set_item("max_us", l.max_us)?;
         d.set_item("latency", ld)?;
     }
+    if let Some(c) = &r.chat {
+        d.set_item("subscribers", c.subscribers)?;
+        d.set_item("stalled", c.stalled)?;
+        d.set_item("window", c.window)?;
+        d.set_item("joined", c.joined)?;
+        d.set_item("deliveries", c.deliveries)?;
+        d.set_item("deliveries_per_s", c.deliveries_per_s)?;
+        d.set_item("sent", c.sent)?;
+        d.set_item("completed", c.completed)?;
+        d.set_item("stalls", c.stalls)?;
+        d.set_item("publisher_copies", c.publisher_copies)?;
+        d.set_item("client_cpu_s", c.client_cpu_s)?;
+        d.set_item("window_start_ns", c.window_start_ns)?;
+        d.set_item("window_end_ns", c.window_end_ns)?;
+        let t = &c.tally;
+        let check = PyDict::new(py);
+        check.set_item("subscribers", t.subscribers)?;
+        check.set_item("complete", t.complete)?;
+        check.set_item("missing", t.missing)?;
+        check.set_item("duplicated", t.duplicated)?;
+        check.set_item("out_of_order", t.out_of_order)?;
+        check.set_item("min_received", t.min_received)?;
+        check.set_item("max_received", t.max_received)?;
+        check.set_item("lost", t.lost)?;
+        d.set_item("check", check)?;
+        let s = &t.stalled;
+        let st = PyDict::new(py);
+        st.set_item("opened", s.opened)?;
+        st.set_item("messages", s.messages)?;
+        st.set_item("min_messages", s.min_messages)?;
+        st.set_item("max_messages", s.max_messages)?;
+        let codes = PyDict::new(py);
+        for (code, n) in &s.close_codes {
+            codes.set_item(code.to_string(), n)?;
+        }
+        st.set_item("close_codes", codes)?;
+        st.set_item("ended_without_close", s.ended_without_close)?;
+        st.set_item("still_open", s.still_open)?;
+        d.set_item("stalled_clients", st)?;
+    }
     d.set_item("errors", r.errors.clone())?;
     Ok(d)
 }
 
-/// Run a load (`mode` = `"echo"`, `"rate"`, `"idle"`) against `url` and
+/// Run a load (`mode` = `"echo"`, `"rate"`, `"idle"`, `"chat"`) against `url` and
 /// return the report as a dict; or, with `mode="floor-server"`, serve the
 /// minimal native echo server on `url` (`host:port`) until interrupted.
 ///
@@ -56,7 +96,7 @@ fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>>
 #[pyo3(signature = (
     mode, url, *, connections=100, size=64, pipeline=1, duration=5.0, warmup=1.0,
     rate=10000.0, sources=0, insecure=false, cafile=None, text=false, progress=true,
-    threads=1
+    threads=1, stalled=0
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn run_bench<'py>(
@@ -75,6 +115,7 @@ pub fn run_bench<'py>(
     text: bool,
     progress: bool,
     threads: usize,
+    stalled: usize,
 ) -> PyResult<Option<Bound<'py, PyDict>>> {
     // The signal check runs on this (the main) thread, GIL taken briefly.
     let signal_error: Mutex<Option<PyErr>> = Mutex::new(None);
@@ -91,6 +132,7 @@ pub fn run_bench<'py>(
         "echo" => Mode::Echo,
         "rate" => Mode::Rate,
         "idle" => Mode::Idle,
+        "chat" => Mode::Chat,
         "floor-server" => {
             let result = py.detach(|| lightws_loadgen::serve_floor(url, progress, &interrupted));
             if let Some(e) = signal_error.lock().take() {
@@ -102,7 +144,7 @@ pub fn run_bench<'py>(
         }
         other => {
             return Err(PyValueError::new_err(format!(
-                "unknown mode {other:?} (echo, rate, idle, floor-server)"
+                "unknown mode {other:?} (echo, rate, idle, chat, floor-server)"
             )))
         }
     };
@@ -121,6 +163,7 @@ pub fn run_bench<'py>(
         text,
         progress,
         threads,
+        stalled,
     };
     let result = py.detach(|| lightws_loadgen::run(opts, &interrupted));
     if let Some(e) = signal_error.lock().take() {

@@ -13,11 +13,12 @@
 // build without tokio and pyo3). Re-exported under their old names so that
 // `crate::frame::...`, `crate::handshake::...` and `crate::security::...` keep
 // working in this crate, including code written before the move.
-pub use lightws_proto::{frame, handshake, outq, security, session};
+pub use lightws_proto::{frame, handshake, mask, outq, security, session};
 
 #[cfg(feature = "loadgen")]
 pub mod bench;
 pub mod bridge;
+pub mod client;
 pub mod conn;
 pub mod fanout;
 pub mod hub;
@@ -36,6 +37,11 @@ fn _lightws(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bridge::Message>()?;
     m.add_class::<bridge::Op>()?;
     m.add_function(wrap_pyfunction!(bridge::broadcast, m)?)?;
+    // The client role (python/lightws/client.py, bridge/client.rs).
+    m.add_function(wrap_pyfunction!(bridge::client_core, m)?)?;
+    m.add_function(wrap_pyfunction!(bridge::client_connect, m)?)?;
+    m.add_function(wrap_pyfunction!(bridge::client_cancel, m)?)?;
+    m.add_function(wrap_pyfunction!(bridge::client_abandon, m)?)?;
     // The load generator is test tooling: registered only in builds with the
     // `loadgen` feature (`python -m lightws bench` explains how to get it).
     #[cfg(feature = "loadgen")]

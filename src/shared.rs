@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::sync::oneshot;
 
-use crate::frame::OpCode;
+use crate::frame::{OpCode, Role};
 use crate::handshake;
 use crate::hub::Hub;
 use crate::lockcheck::ConnMutex;
@@ -39,6 +39,18 @@ pub struct ConnConfig {
     pub log_level: LogLevel,
     /// Maintain the connections_reading / connections_writing gauges.
     pub io_statistics: bool,
+}
+
+impl ConnConfig {
+    /// The masking key for the next frame this end encodes: none for the server, a
+    /// fresh unpredictable one in the client role (RFC 6455 5.3, 10.3).
+    #[inline]
+    pub fn mask(&self) -> Option<[u8; 4]> {
+        match self.session.role {
+            Role::Server => None,
+            Role::Client => Some(crate::mask::random_mask()),
+        }
+    }
 }
 
 /// A complete message (or, for a streamed message, one chunk of it) waiting for Python.
@@ -118,6 +130,8 @@ pub struct Backpressure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fanned {
     Queued,
+    /// Queued into an empty queue: the connection's task must be woken.
+    QueuedWake,
     /// Over `max_backpressure` with `on_backpressure="drop"`.
     Dropped,
     /// Over `max_backpressure` with `on_backpressure="close"`: closing with 1013.
@@ -176,6 +190,19 @@ impl ConnShared {
     /// Queue a frame shared with other connections (a publish or a broadcast), applying
     /// the slow-consumer policy if given. Never waits.
     pub fn push_shared(&self, frame: Bytes, policy: Option<Backpressure>) -> Fanned {
+        let r = self.push_shared_deferred(frame, policy);
+        if r == Fanned::QueuedWake {
+            self.waker.wake();
+            return Fanned::Queued;
+        }
+        r
+    }
+
+    /// Like [`ConnShared::push_shared`], but a connection whose task must be woken is
+    /// returned as [`Fanned::QueuedWake`] for the caller to wake later: the fan-out
+    /// task queues a whole batch of publishes before waking anyone, so each
+    /// connection writes them in one writev instead of one frame per wake-up.
+    pub fn push_shared_deferred(&self, frame: Bytes, policy: Option<Backpressure>) -> Fanned {
         let len = frame.len();
         let mut ob = self.outbox.lock();
         if ob.closed || ob.closing || ob.overflow {
@@ -199,11 +226,11 @@ impl ConnShared {
             ob.queue.push_chunk(frame);
         }
         self.unsent.fetch_add(len, Ordering::Relaxed);
-        drop(ob);
         if wake {
-            self.waker.wake();
+            Fanned::QueuedWake
+        } else {
+            Fanned::Queued
         }
-        Fanned::Queued
     }
 
     /// Queue a frame of this connection's own that took the fan-out route (fenced).
@@ -328,4 +355,54 @@ pub enum Event {
     /// The connection's task ended; the socket is closed.
     Closed(u64),
     Log(Box<LogEvent>),
+    /// A client connection opened, or could not be (client.rs, `lightws.connect`).
+    Connected(Box<ConnectEvent>),
+}
+
+// -- the client role (client.rs, bridge/client.rs) -------------------------------------
+// Here rather than in client.rs because `Event` carries them and client.rs uses
+// `ConnShared`: no module cycle.
+
+/// The outcome of one `lightws.connect` attempt, for the loop thread.
+pub struct ConnectEvent {
+    /// Which pending connect this answers.
+    pub token: u64,
+    pub result: Result<Connected, ConnectError>,
+}
+
+/// A client connection past its opening handshake; its driver is running.
+pub struct Connected {
+    pub shared: Arc<ConnShared>,
+    /// The subprotocol the server chose (one we offered).
+    pub subprotocol: Option<String>,
+    /// The server's 101: status, reason phrase, headers.
+    pub response: handshake::client::Response,
+    /// The request we sent (for `conn.request`).
+    pub request: handshake::Request,
+}
+
+/// Why a `lightws.connect` attempt failed; bridge/client.rs turns it into the Python
+/// exception.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The server answered something other than 101 (`InvalidHandshake` with status).
+    Refused {
+        response: handshake::client::Response,
+        body: Vec<u8>,
+    },
+    /// The answer breaks RFC 6455 4.1, or is not HTTP at all (`InvalidHandshake`).
+    Invalid {
+        message: String,
+        response: Option<handshake::client::Response>,
+    },
+    /// The host name could not be resolved (`socket.gaierror`).
+    Resolve(String),
+    /// TCP or the socket failed (`OSError`, by errno: `ConnectionRefusedError`, ...).
+    Io { errno: Option<i32>, message: String },
+    /// The server's certificate was not accepted (`ssl.SSLCertVerificationError`).
+    Certificate(String),
+    /// Any other TLS failure (`ssl.SSLError`).
+    Tls(String),
+    /// `open_timeout` passed (`TimeoutError`).
+    Timeout(String),
 }

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,44 @@ def test_floor_server_echoes(floor_port: int) -> None:
     assert r["messages"] > 0
     r = report(url, "--mode", "idle", "-c", "20", "-d", "0.2")
     assert r["open_at_end"] == 20
+
+
+@pytest.fixture(scope="module")
+def chat_port() -> Iterator[int]:
+    """bench/chat_servers.py's lightws room: every message published to everyone."""
+    port = free_port()
+    script = Path(__file__).resolve().parent.parent / "bench" / "chat_servers.py"
+    proc = start([sys.executable, str(script), "lightws", "--port", str(port)], ready="ready")
+    try:
+        yield port
+    finally:
+        proc.stop()
+
+
+@needs_loadgen
+def test_chat_mode_checks_that_every_subscriber_got_every_message(chat_port: int) -> None:
+    r = report(
+        f"ws://127.0.0.1:{chat_port}/",
+        *("--mode", "chat", "-c", "20", "--stalled", "2", "--window", "4", "-d", "1"),
+        *("--warmup", "0.2", "--sources", "2", "--threads", "2"),
+    )
+    assert r["mode"] == "chat"
+    assert r["opened"] == r["connections"] == 23  # 20 + 2 never reading + the publisher
+    assert (r["subscribers"], r["stalled"], r["window"], r["joined"]) == (20, 2, 4, 20)
+    assert r["deliveries"] > 0 and r["messages"] > 0 and r["stalls"] == 0
+    # A message is done when every subscriber has it: deliveries are 20 per message,
+    # give or take the window at the edges of the measured time.
+    assert abs(r["deliveries"] - 20 * r["messages"]) <= 20 * 4
+    assert r["sent"] == r["completed"] > 0
+    assert r["publisher_copies"] == r["sent"]
+    check = r["check"]
+    assert check["subscribers"] == check["complete"] == 20
+    assert check["missing"] == check["duplicated"] == check["out_of_order"] == 0
+    assert check["min_received"] == check["max_received"] == r["sent"]
+    stalled = r["stalled_clients"]
+    assert stalled["opened"] == 2 and stalled["messages"] > 0
+    out = bench(f"ws://127.0.0.1:{chat_port}/", "--mode", "chat", "-c", "2", "-s", "4")
+    assert out.returncode == 1 and "at least 8" in out.stderr
 
 
 @needs_loadgen

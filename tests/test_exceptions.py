@@ -98,10 +98,16 @@ async def test_async_for_raises_protocol_error_too() -> None:
             await asyncio.wait_for(outcome, 5)
 
 
-def test_invalid_handshake_is_not_exported_since_nothing_raises_it() -> None:
-    assert not hasattr(lightws, "InvalidHandshake")
-    assert "InvalidHandshake" not in lightws.__all__
-    assert "InvalidHandshake" not in lightws.exceptions.__all__
+def test_invalid_handshake_is_exported_now_that_the_client_raises_it() -> None:
+    # Removed while nothing raised it; lightws.connect() raises it for a refused or
+    # broken upgrade (tests/test_client.py).
+    assert lightws.InvalidHandshake is lightws.exceptions.InvalidHandshake
+    assert "InvalidHandshake" in lightws.__all__
+    assert "InvalidHandshake" in lightws.exceptions.__all__
+    assert issubclass(lightws.InvalidHandshake, lightws.LightwsError)
+    assert not issubclass(lightws.InvalidHandshake, lightws.ConnectionClosed)
+    exc = lightws.InvalidHandshake("refused", 403, lightws.Headers({"X": "1"}), b"no")
+    assert (exc.status, exc.headers["x"], exc.body, str(exc)) == (403, "1", b"no", "refused")
 
 
 async def test_setting_ws_write_buffer_warns_that_it_has_no_effect() -> None:

@@ -12,6 +12,7 @@ PUBLIC = {
     "ConnectionClosedError",
     "ConnectionClosedOK",
     "HandshakeFunc",
+    "InvalidHandshake",
     "Handler",
     "LightwsError",
     "LogLevel",
@@ -20,6 +21,7 @@ PUBLIC = {
     "Request",
     "Response",
     "Server",
+    "connect",
     "run",
 }
 

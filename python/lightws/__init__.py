@@ -16,6 +16,9 @@ handshake callable and a per-connection handler::
 ``lightws.run`` serves until SIGINT/SIGTERM, then closes every client with 1001. Inside
 an event loop of your own, ``async with lightws.Server(config) as server:`` listens and
 closes every client with 1001 when the block ends.
+
+The client side runs on the same Rust core: ``async with lightws.connect(url) as conn:``
+gives the same :class:`Connection` API.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from ._lightws import Connection, Message, broadcast
 from ._lightws import __version__ as __version__
 from ._run import run
 from ._types import CloseCode, LogLevel, Opcode
+from .client import connect
 from .config import Config, Handler, HandshakeFunc
 from .exceptions import (
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
+    InvalidHandshake,
     LightwsError,
     PayloadTooBig,
     ProtocolError,
@@ -46,6 +51,7 @@ __all__ = [
     "Handler",
     "HandshakeFunc",
     "Headers",
+    "InvalidHandshake",
     "LightwsError",
     "LogLevel",
     "Message",
@@ -58,5 +64,6 @@ __all__ = [
     "Server",
     "Stats",
     "broadcast",
+    "connect",
     "run",
 ]

@@ -240,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
         '{"type": "message", "text": TEXT} goes to everyone in the room, join and leave '
         "notices carry the member count, bad input gets an error message back.",
     )
-    bench = sub.add_parser("bench", help="load generator: echo, rate and idle loads")
+    bench = sub.add_parser("bench", help="load generator: echo, rate, idle and chat loads")
     _bench.add_arguments(bench)
     return p
 

@@ -13,6 +13,11 @@ Modes::
     rate  open loop: --rate messages/s in total; latency from each message's
           scheduled send time (no coordinated omission), HDR histogram
     idle  open N connections, hold them --duration seconds, report how many stay open
+    chat  fan-out: N subscribers (-c), --stalled never-reading clients and one publisher
+          join one room (the server relays every message to the whole room); the
+          publisher keeps --window numbered messages in flight, each done when every
+          subscriber has it; reports deliveries/s, messages/s, and whether every
+          subscriber got every message once and in order
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="ws:// or wss:// URL of an echo server")
     p.add_argument(
         "--mode",
-        choices=["echo", "rate", "idle"],
+        choices=["echo", "rate", "idle", "chat"],
         default="echo",
         help="load shape (default %(default)s)",
     )
@@ -107,7 +112,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="spread connections over 127.0.0.1..N as source addresses "
-        "(default: idle mode on loopback, one per 16,000 connections)",
+        "(default on loopback: idle mode one per 16,000 connections, chat mode one per 8,000)",
+    )
+    p.add_argument(
+        "-w",
+        "--window",
+        type=int,
+        default=8,
+        help="chat mode: the publisher's messages in flight (default %(default)s)",
+    )
+    p.add_argument(
+        "--stalled",
+        type=int,
+        default=0,
+        help="chat mode: extra clients that join the room and never read (default %(default)s)",
     )
     p.add_argument("--text", action="store_true", help="send TEXT (ASCII) instead of BINARY")
     p.add_argument("--insecure", action="store_true", help="wss://: skip certificate verification")
@@ -160,10 +178,47 @@ def format_report(r: dict[str, Any]) -> str:
                 lat["count"],
             )
         )
+    elif r["mode"] == "chat":
+        lines.extend(_chat_lines(r))
     else:
         lines.append(f"  {r['open_at_end']} open after {r['seconds']:.1f} s")
     lines.extend(f"  error: {e}" for e in r["errors"])
     return "\n".join(lines)
+
+
+def _chat_lines(r: dict[str, Any]) -> list[str]:
+    c, st = r["check"], r["stalled_clients"]
+    lines = [
+        f"  {r['subscribers']:,} subscribers"
+        + (f" + {r['stalled']:,} never reading" if r["stalled"] else "")
+        + f", window {r['window']}, {r['size']} B messages",
+        f"  {r['deliveries_per_s']:,.0f} deliveries/s, {r['msgs_per_s']:,.1f} msgs/s "
+        f"({r['deliveries']:,} deliveries in {r['seconds']:.1f} s); "
+        f"load generator CPU {r['client_cpu_s'] / max(r['seconds'], 1e-9) * 100:.0f}%",
+        f"  check: {c['complete']:,}/{c['subscribers']:,} subscribers got all "
+        f"{r['sent']:,} messages once and in order; missing {c['missing']:,}, "
+        f"duplicated {c['duplicated']:,}, out of order {c['out_of_order']:,}"
+        + (f", {c['lost']} connections lost" if c["lost"] else "")
+        + (f", {r['stalls']} messages given up" if r["stalls"] else ""),
+    ]
+    if st["opened"]:
+        closes = ", ".join(f"{n} closed with {code}" for code, n in st["close_codes"].items())
+        lines.append(
+            f"  never-reading clients: {st['messages']:,} messages in all "
+            f"({st['min_messages']:,}..{st['max_messages']:,} each); "
+            + ", ".join(
+                x
+                for x in (
+                    closes,
+                    f"{st['ended_without_close']} ended without a close frame"
+                    if st["ended_without_close"]
+                    else "",
+                    f"{st['still_open']} still open" if st["still_open"] else "",
+                )
+                if x
+            )
+        )
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             args.url,
             connections=args.connections,
             size=args.size,
-            pipeline=args.pipeline,
+            pipeline=args.window if args.mode == "chat" else args.pipeline,
             duration=args.duration,
             warmup=args.warmup,
             rate=args.rate,
@@ -190,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
             text=args.text,
             progress=not args.quiet,
             threads=args.threads,
+            stalled=args.stalled,
         )
     except KeyboardInterrupt:
         return 130

@@ -57,7 +57,7 @@ class Connection:
     @property
     def topics(self) -> frozenset[str]: ...
     @property
-    def server(self) -> Server: ...
+    def server(self) -> Server | None: ...
     @property
     def buffered_amount(self) -> int: ...
     # Connections take your own attributes (``conn.room = ...``).
@@ -134,6 +134,38 @@ def broadcast(
     shared; a connection over ``max_backpressure`` is handled by ``on_backpressure``
     like a publish. Never waits."""
 
+def client_core(
+    log: Callable[[int, int | None, str | None, str], None],
+    event_loop: Any,
+    on_idle: Callable[[], None],
+) -> Core:
+    """A client core for ``event_loop`` (lightws.client): runtime started, no listener."""
+
+def client_connect(
+    core: Core,
+    url: str,
+    subprotocols: list[str],
+    headers: list[tuple[str, str]],
+    cafile: str | None,
+    max_msg_len: int,
+    open_timeout: float | None,
+    close_timeout: float | None,
+    ping_interval: float | None,
+    ping_timeout: float | None,
+    auto_pong: bool,
+    write_limit: int,
+    log_level: int,
+) -> tuple[Any, int]:
+    """Start opening a client connection: ``(future, token)``; the future gets a tuple
+    that lightws.client turns into the Connection or the exception."""
+
+def client_cancel(core: Core, token: int) -> None:
+    """Give up the opening ``token`` (its connect() was cancelled)."""
+
+def client_abandon(core: Core) -> None:
+    """Stop a client core whose event loop closed with connections open: sockets
+    closed, runtime stopped, nothing called on the closed loop."""
+
 def run_bench(
     mode: str,
     url: str,
@@ -150,8 +182,9 @@ def run_bench(
     text: bool = False,
     progress: bool = True,
     threads: int = 1,
+    stalled: int = 0,
 ) -> dict[str, Any] | None:
-    """Run the load generator (``mode`` echo/rate/idle) and return its report, or serve
+    """Run the load generator (``mode`` echo/rate/idle/chat) and return its report, or serve
     the floor echo server (``mode="floor-server"``, ``url`` = host:port) until interrupted.
 
     Exists only in extensions built with the ``loadgen`` cargo feature (off by default;

@@ -3,11 +3,13 @@
 All derive from :class:`LightwsError`::
 
     LightwsError
-    └── ConnectionClosed              the connection is closed (.code, .reason)
-        ├── ConnectionClosedOK        closed with 1000 (normal) or 1001 (going away)
-        └── ConnectionClosedError     closed with any other code, or dropped (1006)
-            └── ProtocolError         closed with 1002 or 1007: the peer broke RFC 6455
-                └── PayloadTooBig     closed with 1009: a message over max_msg_len
+    ├── ConnectionClosed              the connection is closed (.code, .reason)
+    │   ├── ConnectionClosedOK        closed with 1000 (normal) or 1001 (going away)
+    │   └── ConnectionClosedError     closed with any other code, or dropped (1006)
+    │       └── ProtocolError         closed with 1002 or 1007: the peer broke RFC 6455
+    │           └── PayloadTooBig     closed with 1009: a message over max_msg_len
+    └── InvalidHandshake              lightws.connect(): the server refused the upgrade
+                                      or answered it wrongly (.status, .headers, .body)
 
 ``recv()`` (and ``async for``, ``send()`` and the streaming reader and writer once the
 connection is closed) raise the class that matches the close code. ``ProtocolError``
@@ -16,17 +18,24 @@ ConnectionClosed`` or ``except ConnectionClosedError`` catches them as well.
 
 Misuse of the API raises the usual built-ins: ``TypeError`` for a wrong type,
 ``ValueError`` for a wrong value (a control frame over 125 bytes, a close code that may
-not be sent, ...). A broken handshake is answered by the server itself (400, 405, 426,
-431, or 500 when the handshake callable failed) and never reaches Python as an
-exception.
+not be sent, ...). On the server, a broken handshake is answered by the server itself
+(400, 405, 426, 431, or 500 when the handshake callable failed) and never reaches
+Python as an exception. On the client, :func:`lightws.connect` raises
+:class:`InvalidHandshake` when the server refuses the upgrade or answers it in breach of
+RFC 6455; network failures raise the usual ``OSError`` subclasses
+(``ConnectionRefusedError``, ``socket.gaierror``, ``ssl.SSLCertVerificationError``) and
+``TimeoutError`` after ``open_timeout``.
 """
 
 from __future__ import annotations
+
+from .http import Headers
 
 __all__ = [
     "ConnectionClosed",
     "ConnectionClosedError",
     "ConnectionClosedOK",
+    "InvalidHandshake",
     "LightwsError",
     "PayloadTooBig",
     "ProtocolError",
@@ -82,3 +91,36 @@ class PayloadTooBig(ProtocolError):
     buffered). A peer that closes with 1009 itself (one of our messages was over its own
     limit) raises it too.
     """
+
+
+class InvalidHandshake(LightwsError):
+    """:func:`lightws.connect` could not complete the opening handshake.
+
+    Either the server refused the upgrade (any status but 101: ``status`` is it, with
+    the response's ``headers`` and the start of its ``body``), or its answer breaks
+    RFC 6455 section 4.1: a wrong ``Sec-WebSocket-Accept``, no ``Upgrade: websocket``,
+    a subprotocol that was not offered, ... (``status`` is then 101, and ``str(exc)``
+    says what is wrong), or the server closed the connection or sent something other
+    than HTTP (``status`` is None).
+
+    Attributes:
+        status: the HTTP status code, or None if no HTTP response was read.
+        reason: the reason phrase of the status line ("" if none).
+        headers: the response headers (a case-insensitive :class:`lightws.Headers`;
+            empty if no response was read).
+        body: the response body (at most 64 KiB of it; ``b""`` if none).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        headers: Headers | None = None,
+        body: bytes = b"",
+        reason: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.headers = headers if headers is not None else Headers()
+        self.body = body

@@ -600,6 +600,7 @@ impl Connection {
             return done(py);
         }
         let payload = frame::close_payload(Some(code), reason);
+        let mask = self.shared.cfg.mask(); // the client role masks (RFC 6455 5.3)
         let queued = if self.fenced() {
             // Behind the frames already on the fan-out route (see send.rs), like them.
             if self.shared.outbox.lock().closed {
@@ -608,7 +609,7 @@ impl Connection {
             let already = self.st.lock().sent_close.is_some();
             if !already {
                 let mut b = Vec::with_capacity(2 + payload.len());
-                frame::encode_frame(&mut b, true, OpCode::Close, &payload, None);
+                frame::encode_frame(&mut b, true, OpCode::Close, &payload, mask);
                 self.core
                     .get()
                     .fanout
@@ -627,7 +628,7 @@ impl Connection {
                 ob.closing = true;
                 let before = ob.queue.len();
                 ob.queue
-                    .push_with(|b| frame::encode_frame(b, true, OpCode::Close, &payload, None));
+                    .push_with(|b| frame::encode_frame(b, true, OpCode::Close, &payload, mask));
                 let added = ob.queue.len() - before;
                 self.shared.unsent.fetch_add(added, Ordering::Relaxed);
                 true
@@ -716,7 +717,8 @@ impl Connection {
         PyFrozenSet::new(py, &names)
     }
 
-    /// The `lightws.Server` that accepted this connection (publish without a global).
+    /// The `lightws.Server` that accepted this connection (publish without a global);
+    /// None for a client connection (`lightws.connect`).
     #[getter]
     fn server(&self, py: Python<'_>) -> Py<PyAny> {
         self.core.get().server.clone_ref(py)

@@ -15,12 +15,13 @@ use pyo3::types::{PyDict, PyString};
 use tokio::sync::watch;
 
 use super::api::api;
+use super::client::{self as client, ClientState};
 use super::config::{build_config, tune_malloc};
 use super::connection::{raw_headers, Connection, PyState};
 use super::errors::tls_err;
 use super::message::data_frame;
 use crate::fanout::Fanout;
-use crate::frame::OpCode;
+use crate::frame::{OpCode, Role};
 use crate::lockcheck::ConnMutex;
 use crate::security::IpLimiter;
 use crate::server::{self, ServerShared};
@@ -33,19 +34,22 @@ use crate::tls::{self, CertStore};
 /// and the hub, and dispatches hub events on the loop thread.
 #[pyclass(module = "lightws._lightws", frozen)]
 pub struct Core {
-    srv: Arc<ServerShared>,
-    hub: Arc<EventHub>,
+    pub(super) srv: Arc<ServerShared>,
+    pub(super) hub: Arc<EventHub>,
     pub(super) event_loop: Py<PyAny>,
     /// Topics, publish and the fan-out task (fanout.rs).
     pub(super) fanout: Arc<Fanout>,
-    /// The `lightws.Server` this is the native half of (`conn.server`).
+    /// The `lightws.Server` this is the native half of (`conn.server`); None for a
+    /// client core.
     pub(super) server: Py<PyAny>,
-    dispatch: Py<PyAny>,
-    log: Py<PyAny>,
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
-    conns: Mutex<HashMap<u64, Py<Connection>>>,
-    stop: Mutex<Option<watch::Sender<bool>>>,
-    local: Mutex<Option<(SocketAddr, i32)>>,
+    pub(super) dispatch: Py<PyAny>,
+    pub(super) log: Py<PyAny>,
+    pub(super) runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    pub(super) conns: Mutex<HashMap<u64, Py<Connection>>>,
+    pub(super) stop: Mutex<Option<watch::Sender<bool>>>,
+    pub(super) local: Mutex<Option<(SocketAddr, i32)>>,
+    /// Some for the client core of an event loop (bridge/client.rs, `lightws.connect`).
+    pub(super) client: Option<ClientState>,
 }
 
 impl Core {
@@ -146,7 +150,11 @@ impl Core {
                 if let Some(c) = c {
                     c.get().on_closed(py)?;
                 }
+                if self.client.is_some() {
+                    client::notify_if_idle(py, self);
+                }
             }
+            Event::Connected(c) => client::on_connected(core, *c)?,
             Event::Handshake(h) => self.on_handshake(core, *h)?,
             Event::Log(l) => self.emit_log(py, l.level, l.conn, &l.msg),
         }
@@ -200,6 +208,7 @@ impl Core {
             conns: Mutex::new(HashMap::new()),
             stop: Mutex::new(None),
             local: Mutex::new(None),
+            client: None,
         })
     }
 
@@ -445,10 +454,15 @@ pub fn broadcast(connections: &Bound<'_, PyAny>, message: &Bound<'_, PyAny>) -> 
         }
         // Behind this connection's own frames on the fan-out route, if any (send.rs).
         let fanout = &c.core.get().fanout;
+        let frame = match c.shared.cfg.session.role {
+            Role::Server => frame.clone(),
+            // A client connection's frames are masked, each with its own key.
+            Role::Client => client::masked_copy(&frame),
+        };
         let queued = if c.fenced() {
-            fanout.send_shared(&c.shared, frame.clone())
+            fanout.send_shared(&c.shared, frame)
         } else {
-            fanout.deliver(&c.shared, frame.clone())
+            fanout.deliver(&c.shared, frame)
         };
         count += usize::from(queued);
     }

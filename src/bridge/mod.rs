@@ -22,12 +22,14 @@
 //! `inbox`, `outbox`) is held only to move values in or out: never two at once, never
 //! across a call into Python or the drop of a Python object.
 //!
-//! Module map: `core` (the server's native half), `connection` (receive, close,
+//! Module map: `core` (the server's native half; with `client`, also the client
+//! role's: one client core per event loop for `lightws.connect`), `connection` (receive, close,
 //! properties) and `send` (the send scheduler), `op` (the awaitable), `message`,
 //! `config` (Config -> ServerConfig), `api` (Python objects looked up once) and
 //! `errors` (the one place errors become Python exceptions).
 
 mod api;
+mod client;
 mod config;
 mod connection;
 mod core;
@@ -36,6 +38,7 @@ mod message;
 mod op;
 mod send;
 
+pub use self::client::{client_abandon, client_cancel, client_connect, client_core};
 pub use self::connection::Connection;
 pub use self::core::{broadcast, Core};
 pub use self::message::Message;

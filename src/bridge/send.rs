@@ -176,6 +176,8 @@ impl Connection {
             self.queue_fenced(py, op, data, fin, want_drain)?;
             false
         } else {
+            // None for a server connection; a fresh key in the client role.
+            let mask = cfg.mask();
             let (was_empty, over) = {
                 let mut ob = self.shared.outbox.lock();
                 if ob.closed || ob.closing {
@@ -183,13 +185,10 @@ impl Connection {
                 } else {
                     let was_empty = ob.queue.is_empty();
                     let before = ob.queue.len();
-                    ob.queue.push_with(|b| {
-                        // One allocation of the right size (growing from the header's
-                        // few bytes would reallocate and copy the payload again).
-                        b.reserve(frame::MAX_HEADER_LEN + data.len());
-                        frame::encode_header(b, fin, op, data.len() as u64, None);
-                        b.extend_from_slice(data);
-                    });
+                    // One allocation of the right size (growing from the header's few
+                    // bytes would reallocate and copy the payload again).
+                    ob.queue
+                        .push_with(|b| frame::encode_frame(b, fin, op, data, mask));
                     ob.note_frame(first_byte(op, fin));
                     // Counted under the outbox lock: the task, which subtracts what it
                     // writes, cannot see the bytes before they are counted.
@@ -246,8 +245,7 @@ impl Connection {
             return Err(self.closed_error_now(py));
         }
         let mut b = Vec::with_capacity(frame::MAX_HEADER_LEN + data.len());
-        frame::encode_header(&mut b, fin, op, data.len() as u64, None);
-        b.extend_from_slice(data);
+        frame::encode_frame(&mut b, fin, op, data, self.shared.cfg.mask());
         self.core
             .get()
             .fanout

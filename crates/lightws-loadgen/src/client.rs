@@ -1,5 +1,12 @@
-//! The client side of the load generator: URL, TCP/TLS connect, the opening
-//! handshake, and the per-connection loops of the three modes.
+//! The client side of the load generator: TCP/TLS connect, the opening handshake,
+//! and the per-connection loops of the three modes.
+//!
+//! Shared with `lightws.connect` (one client implementation): the URL parser, the
+//! upgrade request, the response checks (lightws-proto `handshake::client`), the
+//! masking keys (lightws-proto `mask`) and the frame codec. Not shared: the session.
+//! This loop decodes and counts echoes without assembling messages, delivering them
+//! anywhere or keeping a close-handshake state machine; routing it through
+//! `Session` would add an inbox and a message copy per echo to the measuring tool.
 //!
 //! Every connection is one tokio task. The socket is split into read and write
 //! halves inside that task and both are polled from one `select!`, so a client
@@ -14,7 +21,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -25,9 +31,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
-use super::{mono_ns, Mode, Options, Phase, Shared};
+use super::{chat, mono_ns, Mode, Options, Phase, Shared};
 use lightws_proto::frame::{self, close_code, Decoder, Event, OpCode, Role};
-use lightws_proto::handshake;
+use lightws_proto::handshake::client::{self as hs, ResponseError};
+use lightws_proto::mask::random_mask;
+
+/// The URL of a run: shared with `lightws.connect` (lightws-proto, handshake/client.rs).
+pub use lightws_proto::handshake::client::Target;
 
 /// Largest response head accepted from the server.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
@@ -35,131 +45,6 @@ const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// Connect + TLS + opening handshake must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A parsed `ws://` or `wss://` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// `wss://`.
-    pub tls: bool,
-    /// Host as written, without brackets for IPv6.
-    pub host: String,
-    /// Port (default 80 / 443).
-    pub port: u16,
-    /// Request target: path and query, at least `/`.
-    pub path: String,
-}
-
-impl Target {
-    /// Parse `ws[s]://host[:port][/path][?query]`.
-    ///
-    /// # Errors
-    ///
-    /// A message naming what is wrong with `url`.
-    pub fn parse(url: &str) -> Result<Target, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("ws://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("wss://") {
-            (true, r)
-        } else {
-            return Err(format!("{url:?}: the URL must start with ws:// or wss://"));
-        };
-        let split = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(split);
-        let path = match path.chars().next() {
-            None => "/".to_string(),
-            Some('?') => format!("/{path}"),
-            Some(_) => path.to_string(),
-        };
-        let default_port = if tls { 443 } else { 80 };
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("{url:?}: unterminated [IPv6] host"))?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().map_err(|_| format!("{url:?}: bad port {p:?}"))?,
-                None if after.is_empty() => default_port,
-                None => return Err(format!("{url:?}: junk after the host")),
-            };
-            (host.to_string(), port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (
-                    h.to_string(),
-                    p.parse().map_err(|_| format!("{url:?}: bad port {p:?}"))?,
-                ),
-                None => (authority.to_string(), default_port),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!("{url:?}: no host"));
-        }
-        Ok(Target {
-            tls,
-            host,
-            port,
-            path,
-        })
-    }
-
-    /// The `Host` header value.
-    fn host_header(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        let default_port = if self.tls { 443 } else { 80 };
-        if self.port == default_port {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
-    }
-}
-
-/// xorshift64* generator for masking keys and handshake nonces. RFC 6455 5.3
-/// asks for unpredictable masks to stop cache poisoning through proxies; a
-/// load generator on loopback only needs them to vary per frame, and this
-/// costs a few instructions per frame.
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator seeded from the kernel's random pool, mixed with `stream`.
-    pub fn new(stream: u64) -> Rng {
-        let mut seed = [0u8; 8];
-        // SAFETY: getrandom writes at most seed.len() bytes into seed.
-        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-        let base = if n == 8 {
-            u64::from_ne_bytes(seed)
-        } else {
-            mono_ns() ^ 0x9E37_79B9_7F4A_7C15
-        };
-        Rng((base ^ stream.wrapping_mul(0x2545_F491_4F6C_DD1D)) | 1)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A fresh masking key.
-    pub fn mask(&mut self) -> [u8; 4] {
-        (self.next_u64() as u32).to_ne_bytes()
-    }
-
-    /// Fill `buf` with random bytes.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let r = self.next_u64().to_ne_bytes();
-            chunk.copy_from_slice(&r[..chunk.len()]);
-        }
-    }
-}
 
 /// Accepts any server certificate (`--insecure`) but still checks that the
 /// handshake signatures are made by the certificate's key, so the TLS work the
@@ -292,6 +177,11 @@ async fn connect_tcp(plan: &Plan, index: usize) -> io::Result<TcpStream> {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
+    if plan.opts.mode == Mode::Chat && chat::role(&plan.opts, index) == chat::Role::Stalled {
+        // A never-reading client advertises a small window, so the server's own
+        // buffering, not the kernel's, holds what it cannot send.
+        socket.set_recv_buffer_size(chat::STALLED_RCVBUF)?;
+    }
     if !plan.sources.is_empty() {
         let src = plan.sources[index % plan.sources.len()];
         // Let connect() pick the port, so that the 4-tuple, not the source
@@ -315,25 +205,18 @@ async fn connect_tcp(plan: &Plan, index: usize) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Send the upgrade request and check the server's `101` (status, `Upgrade`,
-/// `Sec-WebSocket-Accept` against [`handshake::accept_key`]). Returns the bytes
-/// that followed the response head.
+/// Send the upgrade request and check the server's `101`: the request and the checks
+/// are lightws-proto's (`handshake::client`), the same code as `lightws.connect`'s.
+/// Returns the bytes that followed the response head.
 async fn opening_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     target: &Target,
-    rng: &mut Rng,
 ) -> Result<Vec<u8>, String> {
-    let mut nonce = [0u8; 16];
-    rng.fill(&mut nonce);
-    let key = base64::engine::general_purpose::STANDARD.encode(nonce);
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        target.path,
-        target.host_header()
-    );
+    let key = hs::new_key();
+    let mut request = Vec::with_capacity(256);
+    hs::write_request(&mut request, target, &key, &[], &[]);
     stream
-        .write_all(request.as_bytes())
+        .write_all(&request)
         .await
         .map_err(|e| format!("sending the upgrade request: {e}"))?;
     let mut buf = Vec::with_capacity(1024);
@@ -345,41 +228,18 @@ async fn opening_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         if n == 0 {
             return Err("the server closed the connection during the handshake".into());
         }
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => continue,
-            Ok(httparse::Status::Partial) => return Err("upgrade response head too large".into()),
-            Err(e) => return Err(format!("malformed upgrade response: {e}")),
-            Ok(httparse::Status::Complete(head)) => {
-                if resp.code != Some(101) {
-                    return Err(format!(
-                        "the server answered {} {} instead of 101",
-                        resp.code.unwrap_or(0),
-                        resp.reason.unwrap_or("")
-                    ));
-                }
-                let header = |name: &str| {
-                    resp.headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
-                };
-                if !header("Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
-                    return Err("101 without Upgrade: websocket".into());
-                }
-                let expected = handshake::accept_key(&key);
-                match header("Sec-WebSocket-Accept") {
-                    Some(v) if v == expected => {}
-                    other => {
-                        return Err(format!(
-                            "Sec-WebSocket-Accept is {other:?}, expected {expected:?}"
-                        ))
-                    }
-                }
-                return Ok(buf.split_off(head));
-            }
-        }
+        let parsed = hs::parse_response(&buf, MAX_RESPONSE_HEAD).map_err(|e| e.to_string())?;
+        let Some((response, head)) = parsed else {
+            continue;
+        };
+        return match hs::check_response(&response, &key, &[]) {
+            Ok(_) => Ok(buf.split_off(head)),
+            Err(ResponseError::Refused(status)) => Err(format!(
+                "the server answered {status} {} instead of 101",
+                response.reason
+            )),
+            Err(e) => Err(e.to_string()),
+        };
     }
 }
 
@@ -392,8 +252,7 @@ pub async fn run(
     phase: watch::Receiver<Phase>,
     gate: Arc<tokio::sync::Semaphore>,
 ) {
-    let mut rng = Rng::new(index as u64);
-    let result = session(&plan, &shared, index, phase, gate, &mut rng).await;
+    let result = session(&plan, &shared, index, phase, gate).await;
     if let Err(e) = result {
         shared.fail(e);
     }
@@ -405,7 +264,6 @@ async fn session(
     index: usize,
     phase: watch::Receiver<Phase>,
     gate: Arc<tokio::sync::Semaphore>,
-    rng: &mut Rng,
 ) -> Result<(), String> {
     // Only so many connections handshake at once, so a burst of 10,000
     // connects does not overflow the server's accept backlog.
@@ -415,7 +273,7 @@ async fn session(
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
     match &plan.tls {
-        None => established(tcp, plan, shared, index, phase, permit, rng).await,
+        None => established(tcp, plan, shared, index, phase, permit).await,
         Some(connector) => {
             let tls = tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
@@ -424,7 +282,7 @@ async fn session(
             .await
             .map_err(|_| "TLS handshake timed out".to_string())?
             .map_err(|e| format!("TLS handshake: {e}"))?;
-            established(tls, plan, shared, index, phase, permit, rng).await
+            established(tls, plan, shared, index, phase, permit).await
         }
     }
 }
@@ -436,22 +294,28 @@ async fn established<S: AsyncRead + AsyncWrite + Unpin>(
     index: usize,
     phase: watch::Receiver<Phase>,
     permit: tokio::sync::OwnedSemaphorePermit,
-    rng: &mut Rng,
 ) -> Result<(), String> {
     let leftover = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        opening_handshake(&mut stream, &plan.target, rng),
+        opening_handshake(&mut stream, &plan.target),
     )
     .await
     .map_err(|_| "opening handshake timed out".to_string())??;
     drop(permit);
+    let role = chat::role(&plan.opts, index);
+    if plan.opts.mode == Mode::Chat {
+        // Counted before `opened`, so the controller sees the final count once every
+        // connection is open.
+        shared.chat.opened(role);
+    }
     shared.opened.fetch_add(1, Ordering::Relaxed);
     shared.open.fetch_add(1, Ordering::Relaxed);
     let mut conn = Conn::new(stream, leftover);
     let result = match plan.opts.mode {
-        Mode::Echo => conn.echo(plan, shared, phase, rng).await,
-        Mode::Rate => conn.rate(plan, shared, index, phase, rng).await,
-        Mode::Idle => conn.idle(phase, rng).await,
+        Mode::Echo => conn.echo(plan, shared, phase).await,
+        Mode::Rate => conn.rate(plan, shared, index, phase).await,
+        Mode::Idle => conn.idle(phase).await,
+        Mode::Chat => chat::run(&mut conn, role, plan, shared, phase).await,
     };
     shared.open.fetch_sub(1, Ordering::Relaxed);
     result
@@ -469,16 +333,18 @@ struct Received {
 }
 
 /// One established WebSocket connection (client role).
-struct Conn<S> {
-    rd: tokio::io::ReadHalf<S>,
-    wr: tokio::io::WriteHalf<S>,
-    inbuf: Vec<u8>,
+pub(crate) struct Conn<S> {
+    pub(crate) rd: tokio::io::ReadHalf<S>,
+    pub(crate) wr: tokio::io::WriteHalf<S>,
+    pub(crate) inbuf: Vec<u8>,
     /// Encoded frames not yet written, from `out_pos` on.
-    out: Vec<u8>,
-    out_pos: usize,
-    dec: Decoder,
+    pub(crate) out: Vec<u8>,
+    pub(crate) out_pos: usize,
+    pub(crate) dec: Decoder,
     /// Payload bytes of the message being received.
-    msg_len: u64,
+    pub(crate) msg_len: u64,
+    /// Bytes asked of the socket per read.
+    pub(crate) chunk: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite> Conn<S> {
@@ -492,15 +358,16 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
             out_pos: 0,
             dec: Decoder::new(Role::Client, None),
             msg_len: 0,
+            chunk: READ_CHUNK,
         }
     }
 
-    fn pending(&self) -> bool {
+    pub(crate) fn pending(&self) -> bool {
         self.out_pos < self.out.len()
     }
 
     /// Account for `n` written bytes.
-    fn wrote(&mut self, n: usize) {
+    pub(crate) fn wrote(&mut self, n: usize) {
         self.out_pos += n;
         if self.out_pos == self.out.len() {
             self.out.clear();
@@ -509,15 +376,15 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
     }
 
     /// Make room for the next read.
-    fn reserve(&mut self) {
-        if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK / 4 {
-            self.inbuf.reserve(READ_CHUNK);
+    pub(crate) fn reserve(&mut self) {
+        if self.inbuf.capacity() - self.inbuf.len() < self.chunk / 4 {
+            self.inbuf.reserve(self.chunk);
         }
     }
 
     /// Decode everything buffered. Whole messages are checked against
     /// `expect` (payload length) when given; pings are answered.
-    fn process(&mut self, expect: Option<u64>, rng: &mut Rng) -> Result<Received, String> {
+    fn process(&mut self, expect: Option<u64>) -> Result<Received, String> {
         let mut got = Received::default();
         let mut pos = 0;
         while pos < self.inbuf.len() {
@@ -548,7 +415,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                     }
                 }
                 Some(Event::Ping(p)) => {
-                    frame::encode_frame(&mut self.out, true, OpCode::Pong, p, Some(rng.mask()));
+                    frame::encode_frame(&mut self.out, true, OpCode::Pong, p, Some(random_mask()));
                 }
                 Some(Event::Pong(_)) => {}
                 Some(Event::Close { .. }) => {
@@ -563,14 +430,14 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
 
     /// Queue our close frame, then keep reading (and discarding) until the
     /// server's close frame or EOF, writing whatever is still queued.
-    async fn close(&mut self, rng: &mut Rng) -> Result<(), String> {
+    pub(crate) async fn close(&mut self) -> Result<(), String> {
         let payload = frame::close_payload(Some(close_code::NORMAL_CLOSURE), "");
         frame::encode_frame(
             &mut self.out,
             true,
             OpCode::Close,
             &payload,
-            Some(rng.mask()),
+            Some(random_mask()),
         );
         let closing = async {
             loop {
@@ -584,7 +451,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                         if r.map_err(|e| e.to_string())? == 0 {
                             return Ok::<(), String>(());
                         }
-                        if self.process(None, rng)?.closed && !self.pending() {
+                        if self.process(None)?.closed && !self.pending() {
                             return Ok(());
                         }
                     }
@@ -604,10 +471,9 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
         plan: &Plan,
         shared: &Shared,
         mut phase: watch::Receiver<Phase>,
-        rng: &mut Rng,
     ) -> Result<(), String> {
         if !wait_running(&mut phase).await {
-            return self.close(rng).await;
+            return self.close().await;
         }
         let size = plan.payload.len() as u64;
         for _ in 0..plan.opts.pipeline {
@@ -616,7 +482,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                 true,
                 plan.opcode,
                 &plan.payload,
-                Some(rng.mask()),
+                Some(random_mask()),
             );
         }
         loop {
@@ -625,7 +491,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                 biased;
                 _ = phase.changed() => {
                     if *phase.borrow() == Phase::Stop {
-                        return self.close(rng).await;
+                        return self.close().await;
                     }
                 }
                 r = self.wr.write(&self.out[self.out_pos..]), if self.pending() => {
@@ -636,7 +502,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                     if r.map_err(|e| format!("read: {e}"))? == 0 {
                         return Err("the server closed the TCP connection".into());
                     }
-                    let got = self.process(Some(size), rng)?;
+                    let got = self.process(Some(size))?;
                     if got.messages > 0 {
                         shared.messages.fetch_add(got.messages, Ordering::Relaxed);
                     }
@@ -648,7 +514,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                     }
                     for _ in 0..got.messages {
                         frame::encode_frame(
-                            &mut self.out, true, plan.opcode, &plan.payload, Some(rng.mask()),
+                            &mut self.out, true, plan.opcode, &plan.payload, Some(random_mask()),
                         );
                     }
                 }
@@ -666,10 +532,9 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
         shared: &Shared,
         index: usize,
         mut phase: watch::Receiver<Phase>,
-        rng: &mut Rng,
     ) -> Result<(), String> {
         let Some(t0) = wait_start(&mut phase).await else {
-            return self.close(rng).await;
+            return self.close().await;
         };
         let opts = &plan.opts;
         let size = plan.payload.len() as u64;
@@ -700,7 +565,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                                 shared.timeouts.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        return self.close(rng).await;
+                        return self.close().await;
                     }
                 }
                 r = timer.wait(), if sending => {
@@ -709,7 +574,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                     let mut n = 0;
                     while next <= now && next < end {
                         frame::encode_frame(
-                            &mut self.out, true, plan.opcode, &plan.payload, Some(rng.mask()),
+                            &mut self.out, true, plan.opcode, &plan.payload, Some(random_mask()),
                         );
                         scheduled.push_back(next);
                         n += 1;
@@ -732,7 +597,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                     if r.map_err(|e| format!("read: {e}"))? == 0 {
                         return Err("the server closed the TCP connection".into());
                     }
-                    let got = self.process(Some(size), rng)?;
+                    let got = self.process(Some(size))?;
                     for _ in 0..got.messages {
                         let s = scheduled
                             .pop_front()
@@ -753,11 +618,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
     }
 
     /// Hold the connection open, answering pings, until told to stop.
-    async fn idle(
-        &mut self,
-        mut phase: watch::Receiver<Phase>,
-        rng: &mut Rng,
-    ) -> Result<(), String> {
+    async fn idle(&mut self, mut phase: watch::Receiver<Phase>) -> Result<(), String> {
         // An idle client keeps only a small read buffer (pings, the close).
         self.inbuf.shrink_to(256);
         loop {
@@ -765,7 +626,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                 self.inbuf.reserve(256);
             }
             if *phase.borrow_and_update() == Phase::Stop {
-                return self.close(rng).await;
+                return self.close().await;
             }
             tokio::select! {
                 _ = phase.changed() => {}
@@ -777,7 +638,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
                     if r.map_err(|e| format!("read: {e}"))? == 0 {
                         return Err("the server closed the TCP connection".into());
                     }
-                    let got = self.process(None, rng)?;
+                    let got = self.process(None)?;
                     if got.closed {
                         return Err("the server closed the WebSocket".into());
                     }
@@ -788,7 +649,7 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
 }
 
 /// Wait for [`Phase::Run`]; `false` if the run stopped first.
-async fn wait_running(phase: &mut watch::Receiver<Phase>) -> bool {
+pub(crate) async fn wait_running(phase: &mut watch::Receiver<Phase>) -> bool {
     wait_start(phase).await.is_some()
 }
 
@@ -883,35 +744,5 @@ impl Timer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_parse_with_defaults() {
-        let t = Target::parse("ws://127.0.0.1:9001/echo?x=1").unwrap();
-        assert_eq!(
-            (t.tls, t.host.as_str(), t.port, t.path.as_str()),
-            (false, "127.0.0.1", 9001, "/echo?x=1")
-        );
-        let t = Target::parse("wss://example.org").unwrap();
-        assert_eq!((t.tls, t.port, t.path.as_str()), (true, 443, "/"));
-        assert_eq!(t.host_header(), "example.org");
-        let t = Target::parse("ws://[::1]:8080?q").unwrap();
-        assert_eq!(
-            (t.host.as_str(), t.port, t.path.as_str()),
-            ("::1", 8080, "/?q")
-        );
-        assert_eq!(t.host_header(), "[::1]:8080");
-        assert!(Target::parse("http://x/").is_err());
-        assert!(Target::parse("ws://x:notaport/").is_err());
-        assert!(Target::parse("ws:///").is_err());
-    }
-
-    #[test]
-    fn masks_vary_from_frame_to_frame() {
-        let mut rng = Rng::new(7);
-        let masks: std::collections::HashSet<[u8; 4]> = (0..1000).map(|_| rng.mask()).collect();
-        assert!(masks.len() > 990);
-    }
-}
+// The URL parser, the handshake and the masking keys are lightws-proto's and tested
+// there (handshake/client.rs, mask.rs).

@@ -21,10 +21,17 @@
 //!   ~28k ephemeral ports), holds them for `duration`, reports how many are
 //!   open.
 //!
+//! - `chat`: fan-out. N subscribers, K never-reading clients (`stalled`) and one
+//!   publisher join one room (the server relays every message to the whole room);
+//!   the publisher keeps `pipeline` numbered messages in flight, each done when every
+//!   subscriber has it; reports deliveries/s, messages/s and whether every subscriber
+//!   got every message once and in order (see [`chat`]).
+//!
 //! Frames are masked with a fresh key per frame and decoded with
 //! [`lightws_proto::frame`]; the server's 101 is checked with
 //! [`lightws_proto::handshake::accept_key`].
 
+pub mod chat;
 mod client;
 mod floor;
 
@@ -57,6 +64,8 @@ pub enum Mode {
     Rate,
     /// Hold connections open.
     Idle,
+    /// Fan-out: one publisher, a room of subscribers.
+    Chat,
 }
 
 impl Mode {
@@ -65,6 +74,7 @@ impl Mode {
             Mode::Echo => "echo",
             Mode::Rate => "rate",
             Mode::Idle => "idle",
+            Mode::Chat => "chat",
         }
     }
 }
@@ -101,6 +111,9 @@ pub struct Options {
     pub progress: bool,
     /// Tokio worker threads of the load generator (1 = current-thread runtime).
     pub threads: usize,
+    /// Chat mode: clients that join the room and never read (besides `connections`
+    /// subscribers).
+    pub stalled: usize,
 }
 
 /// Where the run is; connection tasks watch it.
@@ -134,6 +147,8 @@ pub struct Shared {
     pub failed: AtomicU64,
     errors: Mutex<Vec<String>>,
     latency: Mutex<Histogram<u64>>,
+    /// Chat mode's state.
+    pub chat: chat::ChatState,
 }
 
 impl Shared {
@@ -152,6 +167,7 @@ impl Shared {
             latency: Mutex::new(
                 Histogram::new_with_bounds(1, 1_000_000_000_000, 3).expect("valid bounds"),
             ),
+            chat: chat::ChatState::new(),
         }
     }
 
@@ -237,6 +253,41 @@ pub struct Report {
     pub latency: Option<Latency>,
     /// The first few distinct connection errors.
     pub errors: Vec<String>,
+    /// Chat mode: the fan-out figures.
+    pub chat: Option<ChatReport>,
+}
+
+/// What a chat run measured (`messages`/`msgs_per_s` of the [`Report`] are the
+/// publisher's messages done, i.e. received by every subscriber, in the window).
+#[derive(Clone, Debug, Default)]
+pub struct ChatReport {
+    /// Subscribers that completed the upgrade.
+    pub subscribers: u64,
+    /// Never-reading clients that completed the upgrade.
+    pub stalled: u64,
+    /// Messages in flight.
+    pub window: usize,
+    /// Subscribers that saw a probe before the sequence started.
+    pub joined: u64,
+    /// Messages received by subscribers in the measured window (first copies).
+    pub deliveries: u64,
+    /// deliveries / seconds.
+    pub deliveries_per_s: f64,
+    /// Numbered messages sent / done over the whole run (warmup, window, drain).
+    pub sent: u64,
+    pub completed: u64,
+    /// Messages the publisher gave up on (no progress for 2 s).
+    pub stalls: u64,
+    /// The publisher's own copies received.
+    pub publisher_copies: u64,
+    /// The load generator's own CPU seconds (user + system) over the measured window.
+    pub client_cpu_s: f64,
+    /// The measured window on CLOCK_MONOTONIC (ns; the same clock in every process),
+    /// so a script can cut its samples of the server to it.
+    pub window_start_ns: u64,
+    pub window_end_ns: u64,
+    /// The subscribers' check and what the stalled clients got.
+    pub tally: chat::Tally,
 }
 
 /// Why a run could not start.
@@ -258,6 +309,7 @@ fn source_addresses(opts: &Options, server: std::net::SocketAddr) -> Vec<Ipv4Add
     let loopback = matches!(server.ip(), std::net::IpAddr::V4(ip) if ip.is_loopback());
     let count = match opts.sources {
         0 if loopback && opts.mode == Mode::Idle => opts.connections / 16_000 + 1,
+        0 if loopback && opts.mode == Mode::Chat => (opts.connections + opts.stalled) / 8_000 + 1,
         0 => 0,
         n => n,
     };
@@ -298,6 +350,17 @@ pub fn run(opts: Options, interrupted: &dyn Fn() -> bool) -> Result<Report, Benc
     }
     if opts.mode == Mode::Echo && opts.pipeline == 0 {
         return Err(BenchError::Invalid("pipeline must be at least 1".into()));
+    }
+    if opts.mode == Mode::Chat && !(1..=chat::RING / 2).contains(&opts.pipeline) {
+        return Err(BenchError::Invalid(format!(
+            "chat mode: the window (--window) must be 1..={}",
+            chat::RING / 2
+        )));
+    }
+    if opts.mode == Mode::Chat && opts.size < 8 {
+        return Err(BenchError::Invalid(
+            "chat mode: messages carry a sequence number, so --size must be at least 8".into(),
+        ));
     }
     if opts.mode == Mode::Rate && !(opts.rate > 0.0 && opts.rate.is_finite()) {
         return Err(BenchError::Invalid("rate must be a positive number".into()));
@@ -348,7 +411,7 @@ async fn drive(
             *b = b'a' + (i % 26) as u8;
         }
     } else {
-        client::Rng::new(u64::MAX).fill(&mut payload);
+        lightws_proto::mask::fill_random(&mut payload);
     }
     let plan = Arc::new(client::Plan {
         sources: source_addresses(&opts, addr),
@@ -368,7 +431,14 @@ async fn drive(
     let (phase_tx, phase_rx) = watch::channel(Phase::Connect);
     let gate = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
     let mut tasks = tokio::task::JoinSet::new();
-    for index in 0..opts.connections {
+    // Chat mode: the stalled clients and the subscribers now, the publisher once they
+    // are all in.
+    let total = if opts.mode == Mode::Chat {
+        opts.connections + opts.stalled
+    } else {
+        opts.connections
+    };
+    for index in 0..total {
         tasks.spawn(client::run(
             plan.clone(),
             shared.clone(),
@@ -377,11 +447,10 @@ async fn drive(
             gate.clone(),
         ));
     }
-    drop(phase_rx);
     let mut clock = Ticker::new(opts.progress);
 
     // Phase 1: every connection either open or failed.
-    let n = opts.connections as u64;
+    let n = total as u64;
     loop {
         let opened = shared.opened.load(Ordering::Relaxed);
         let failed = shared.failed.load(Ordering::Relaxed);
@@ -394,6 +463,21 @@ async fn drive(
             })
             .await?;
     }
+    if opts.mode == Mode::Chat {
+        tasks.spawn(client::run(
+            plan.clone(),
+            shared.clone(),
+            total,
+            phase_rx.clone(),
+            gate.clone(),
+        ));
+        while shared.opened.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) <= n {
+            clock
+                .tick(interrupted, || "connecting the publisher".to_string())
+                .await?;
+        }
+    }
+    drop(phase_rx);
     let opened = shared.opened.load(Ordering::Relaxed);
     if opened == 0 {
         let errors = shared.errors.lock().join("; ");
@@ -411,7 +495,12 @@ async fn drive(
     let mut report = Report {
         mode: opts.mode.name(),
         url: opts.url.clone(),
-        connections: opts.connections,
+        // Chat: every connection (subscribers, stalled, the publisher).
+        connections: if opts.mode == Mode::Chat {
+            total + 1
+        } else {
+            opts.connections
+        },
         size: opts.size,
         target_rate: if opts.mode == Mode::Rate {
             opts.rate
@@ -462,6 +551,71 @@ async fn drive(
             }
             report.seconds = opts.duration;
         }
+        Mode::Chat => {
+            let c = &shared.chat;
+            let join_end = Instant::now() + Duration::from_secs(20);
+            while !c.started.load(Ordering::Acquire) && Instant::now() < join_end {
+                clock
+                    .tick(interrupted, || {
+                        format!(
+                            "joining: {}/{} subscribers in the room",
+                            c.joined.load(Ordering::Relaxed),
+                            c.subscribers.load(Ordering::Relaxed)
+                        )
+                    })
+                    .await?;
+            }
+            let start = Instant::now();
+            while start.elapsed() < warmup {
+                clock
+                    .tick(interrupted, || progress_chat("warmup", &shared, &mut None))
+                    .await?;
+            }
+            let (d0, m0, cpu0, w0) = (
+                c.deliveries.load(Ordering::Relaxed),
+                c.completed.load(Ordering::Relaxed),
+                own_cpu(),
+                mono_ns(),
+            );
+            let start = Instant::now();
+            let mut last = None;
+            while start.elapsed() < duration {
+                clock
+                    .tick(interrupted, || progress_chat("chat", &shared, &mut last))
+                    .await?;
+            }
+            report.seconds = start.elapsed().as_secs_f64();
+            let (d1, m1, cpu1, w1) = (
+                c.deliveries.load(Ordering::Relaxed),
+                c.completed.load(Ordering::Relaxed),
+                own_cpu(),
+                mono_ns(),
+            );
+            report.messages = m1 - m0;
+            report.bytes = (d1 - d0) * opts.size as u64;
+            // Drain: no new messages; wait for the ones in flight.
+            c.stop_sending.store(true, Ordering::Relaxed);
+            let drain_end = Instant::now() + DRAIN_TIMEOUT + Duration::from_secs(1);
+            while Instant::now() < drain_end
+                && c.completed.load(Ordering::Acquire) < c.sent.load(Ordering::Acquire)
+            {
+                clock
+                    .tick(interrupted, || progress_chat("drain", &shared, &mut None))
+                    .await?;
+            }
+            report.chat = Some(ChatReport {
+                subscribers: c.subscribers.load(Ordering::Relaxed),
+                stalled: c.stalled.load(Ordering::Relaxed),
+                window: opts.pipeline,
+                joined: c.joined.load(Ordering::Relaxed),
+                deliveries: d1 - d0,
+                deliveries_per_s: (d1 - d0) as f64 / report.seconds.max(1e-9),
+                client_cpu_s: cpu1 - cpu0,
+                window_start_ns: w0,
+                window_end_ns: w1,
+                ..ChatReport::default()
+            });
+        }
         Mode::Idle => {
             let start = Instant::now();
             while start.elapsed() < duration {
@@ -482,7 +636,9 @@ async fn drive(
 
     // Phase 3: close (the rate loop also charges unanswered messages here).
     let _ = phase_tx.send(Phase::Stop);
-    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+    // Chat: the stalled clients read what reached them (up to 5 s).
+    let close_wait = if opts.mode == Mode::Chat { 8 } else { 3 };
+    let _ = tokio::time::timeout(Duration::from_secs(close_wait), async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
@@ -512,8 +668,52 @@ async fn drive(
         report.msgs_per_s = report.messages as f64 / report.seconds;
         report.mb_per_s = report.bytes as f64 / report.seconds / 1e6;
     }
+    if let Some(cr) = report.chat.as_mut() {
+        let c = &shared.chat;
+        cr.sent = c.sent.load(Ordering::Relaxed);
+        cr.completed = c.completed.load(Ordering::Relaxed);
+        cr.stalls = c.stalls.load(Ordering::Relaxed);
+        cr.publisher_copies = c.copies.load(Ordering::Relaxed);
+        cr.tally = c.final_tally();
+    }
     report.errors = shared.errors.lock().clone();
     Ok(report)
+}
+
+/// This process's CPU seconds (user + system).
+fn own_cpu() -> f64 {
+    // SAFETY: zeroed rusage is a valid out value; RUSAGE_SELF is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid `who` and out pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Progress text for chat mode: deliveries and messages over the last second.
+fn progress_chat(label: &str, shared: &Shared, last: &mut Option<(Instant, u64, u64)>) -> String {
+    let c = &shared.chat;
+    let now = Instant::now();
+    let d = c.deliveries.load(Ordering::Relaxed);
+    let m = c.completed.load(Ordering::Relaxed);
+    let text = match *last {
+        Some((t, d0, m0)) => {
+            let dt = now.duration_since(t).as_secs_f64().max(1e-9);
+            format!(
+                "{label}: {:.0} deliveries/s, {:.0} msgs/s, {} open, {} failed",
+                (d - d0) as f64 / dt,
+                (m - m0) as f64 / dt,
+                shared.open.load(Ordering::Relaxed),
+                shared.failed.load(Ordering::Relaxed)
+            )
+        }
+        None => format!(
+            "{label}: {d} deliveries, {m} messages done, {} open",
+            shared.open.load(Ordering::Relaxed)
+        ),
+    };
+    *last = Some((now, d, m));
+    text
 }
 
 /// Progress text for the loaded modes: the rate over the last second.

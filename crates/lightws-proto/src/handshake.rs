@@ -1,4 +1,5 @@
-//! The HTTP/1.1 side of the WebSocket opening handshake, server role.
+//! The HTTP/1.1 side of the WebSocket opening handshake, server role; the client role
+//! is in [`client`] (`handshake/client.rs`).
 //!
 //! Pure: bytes in, values out, bytes appended to a caller's buffer. Nothing here reads
 //! or writes a socket, so the same code serves every driver and is easy to fuzz.
@@ -12,6 +13,8 @@
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
+
+pub mod client;
 
 /// Most header lines accepted in one request head; more is answered with 431.
 pub const MAX_HEADERS: usize = 64;

@@ -2,8 +2,10 @@
 //!
 //! - [`frame`]: the RFC 6455 frame codec (incremental decoder, encoder, masking,
 //!   UTF-8 validation).
-//! - [`handshake`]: the HTTP/1.1 opening handshake, server side (and the
-//!   `Sec-WebSocket-Accept` computation a client checks).
+//! - [`handshake`]: the HTTP/1.1 opening handshake, both sides: the server's request
+//!   parsing and responses, the client's URL, request and response check (shared by
+//!   `lightws.connect` and the load generator).
+//! - [`mask`]: unpredictable masking keys and nonces for the client role.
 //! - [`security`]: admission rules (allowed origins, trusted proxies, per-address
 //!   connection counts).
 //! - [`outq`]: the outbound queue of frames as chunks (own and shared), for writev.
@@ -18,6 +20,7 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod mask;
 pub mod outq;
 pub mod security;
 pub mod session;

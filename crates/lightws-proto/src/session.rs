@@ -5,8 +5,9 @@
 //! rule of RFC 6455 about a connection's life lives here and is unit tested without a
 //! socket: the close handshake (§5.5.1, §7.1.2-7.1.5), failing the connection (§7.1.7),
 //! ping/pong (§5.5.2-5.5.3) and keepalive, fragment assembly (§5.4), the message size
-//! limit, and the output back-pressure rule. The server uses it in [`Role::Server`]; the
-//! client will use it in [`Role::Client`].
+//! limit, and the output back-pressure rule. The server uses it in [`Role::Server`],
+//! `lightws.connect` in [`Role::Client`] (incoming frames must then be unmasked; its
+//! own control frames are masked with random keys).
 //!
 //! What the session needs from its surroundings (the inbox, the application's
 //! outbound queue, statistics, logging) it asks through the [`Io`] trait, so that the
@@ -213,13 +214,12 @@ impl Session {
         self.state
     }
 
-    /// Frames sent by this end must be masked (the client role, RFC 6455 5.3).
+    /// Frames sent by this end must be masked (the client role, RFC 6455 5.3), each
+    /// with a fresh unpredictable key (§10.3, mask.rs).
     fn mask(&self) -> Option<[u8; 4]> {
         match self.cfg.role {
             Role::Server => None,
-            // The client role arrives with the client (issue: client); until then a
-            // fixed key keeps the frames well-formed for the session's tests.
-            Role::Client => Some([0x5a, 0x3c, 0x96, 0x0f]),
+            Role::Client => Some(crate::mask::random_mask()),
         }
     }
 
@@ -524,8 +524,20 @@ impl Session {
 
     /// Whether to shut down our side of TCP now: our close frame and everything
     /// before it is written, and the connection is no longer open.
+    ///
+    /// In the client role, only once the server has closed its side: RFC 6455 7.1.1
+    /// has the server close the TCP connection first, and over TLS a client's early
+    /// half-close is a close_notify, after which many servers (asyncio's TLS among
+    /// them) stop writing before their own close frame. The wait is bounded by
+    /// close_timeout like the wait for that frame.
     pub fn wants_shutdown(&self) -> bool {
-        !self.write_shut && self.out.is_empty() && self.state != State::Open && self.close_sent
+        let closed =
+            !self.write_shut && self.out.is_empty() && self.state != State::Open && self.close_sent;
+        closed
+            && match self.cfg.role {
+                Role::Server => true,
+                Role::Client => self.eof,
+            }
     }
 
     /// Our side of TCP is shut down (FIN sent).
@@ -971,6 +983,43 @@ mod tests {
         // A masked frame from the server is a protocol error (RFC 6455 5.1).
         feed(&mut s, &mut io, &client_frame(true, OpCode::Text, b"x"), t);
         assert_eq!(io.closed.unwrap().code, 1002);
+    }
+
+    #[test]
+    fn the_client_role_shuts_down_only_after_the_servers_eof() {
+        let (mut s, t) = session_with(SessionConfig {
+            role: Role::Client,
+            ..config()
+        });
+        let mut io = Rec {
+            app_queue: close_from_app(),
+            app_closing: true,
+            ..Default::default()
+        };
+        let mut app = std::mem::take(&mut io.app_queue);
+        s.app_closing(t);
+        s.take_app_output(&mut app, true, t);
+        let n = s.output().len();
+        s.written(n);
+        // Our close is out: a server would shut down now; the client waits.
+        assert!(!s.wants_shutdown());
+        let mut close = Vec::new();
+        frame::encode_frame(
+            &mut close,
+            true,
+            OpCode::Close,
+            &frame::close_payload(Some(1000), ""),
+            None,
+        );
+        feed(&mut s, &mut io, &close, t);
+        assert_eq!(s.state(), State::Finishing);
+        assert!(!s.wants_shutdown() && !s.finished());
+        // The server closes TCP first (RFC 6455 7.1.1); then we shut down and finish.
+        s.receive_eof();
+        assert!(s.wants_shutdown());
+        s.shutdown_done();
+        assert!(s.finished());
+        assert_eq!(s.outcome().code, 1000);
     }
 
     // -- ping / pong ---------------------------------------------------------------

@@ -123,9 +123,11 @@ def _join(conn: Connection, name: str) -> None:
 def _publish(conn: Connection, event: dict[str, Any]) -> None:
     room: str = conn.room
     event = {"type": event.pop("type"), "room": room, **event}
+    server = conn.server
+    assert server is not None  # a server's connection (None only on client connections)
     if event["type"] != "message":
-        event["members"] = conn.server.subscribers(room)
-    conn.server.publish(room, json.dumps(event, ensure_ascii=False))
+        event["members"] = server.subscribers(room)
+    server.publish(room, json.dumps(event, ensure_ascii=False))
 
 
 def _on_message(conn: Connection, msg: Message) -> tuple[str, str] | None:
