@@ -111,6 +111,7 @@ class ServerProcess:
         app: str = "storm",
         loop: str = "asyncio",
         write_limit: int = 64 * 1024,
+        pubsub: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.stderr_path = workdir / f"server-{app}-{loop}.stderr"
@@ -119,6 +120,8 @@ class ServerProcess:
         self._stderr = open(self.stderr_path, "w")
         cmd = [sys.executable, str(SERVER_SCRIPT), "--app", app, "--loop", loop]
         cmd += ["--write-limit", str(write_limit), "--dump-file", str(self.dump_path)]
+        if pubsub:
+            cmd += ["--pubsub", pubsub]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL, text=True
         )
@@ -957,6 +960,9 @@ class StormOptions:
     #: Bound on the number of clients.
     max_clients: int = 100_000
     write_limit: int = 64 * 1024
+    #: A Redis URL: the server relays its publishes through it (Config.pubsub), so the
+    #: pubsub mode also drives the relay's publish and subscribe paths.
+    pubsub: str | None = None
     #: Watchdog period.
     probe_interval: float = 0.2
     #: A probe unanswered this long means the loop is frozen: stop, dump, fail.
@@ -1249,7 +1255,9 @@ def run_storm(opts: StormOptions) -> StormReport:
         workdir = opts.workdir
         workdir.mkdir(parents=True, exist_ok=True)
     report.workdir = str(workdir)
-    server = ServerProcess(workdir, loop=opts.loop, write_limit=opts.write_limit)
+    server = ServerProcess(
+        workdir, loop=opts.loop, write_limit=opts.write_limit, pubsub=opts.pubsub
+    )
     prober = Prober(server.port, opts.probe_interval, opts.freeze_after)
     started = time.monotonic()
     try:

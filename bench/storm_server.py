@@ -490,6 +490,7 @@ async def main(args: argparse.Namespace) -> None:
         close_timeout=args.close_timeout,
         # Small enough that stalled storm clients in pubsub rooms hit it (closed 1013).
         max_backpressure=512 * 1024,
+        pubsub=args.pubsub,
     )
     monitor = asyncio.ensure_future(lag_monitor())
     async with lightws.Server(config) as server:
@@ -507,6 +508,7 @@ if __name__ == "__main__":
     p.add_argument("--app", choices=["storm", "issue"], default="storm")
     p.add_argument("--write-limit", type=int, default=64 * 1024)
     p.add_argument("--close-timeout", type=float, default=5.0)
+    p.add_argument("--pubsub", default=None, help="Redis URL for Config.pubsub (the relay)")
     p.add_argument("--dump-file", default=None)
     a = p.parse_args()
     setup_logging()

@@ -106,8 +106,8 @@ impl Io for SharedIo<'_> {
         }
         // Shared frames held behind an unfinished fragmented message cannot follow it
         // any more: the close frame comes next.
-        let held = ob.held.len();
-        ob.held.clear();
+        let held = ob.held_len();
+        ob.held = None;
         shared.unsent.fetch_sub(held, Ordering::Relaxed);
         Sealed::Frames(std::mem::take(&mut ob.queue))
     }
@@ -374,9 +374,9 @@ impl<S: Transport> Driver<S> {
         // Later) right after the frame being written.
         let overflow = ob.overflow && !ob.closing;
         if overflow {
-            let dropped = ob.queue.len() + ob.held.len();
+            let dropped = ob.queue.len() + ob.held_len();
             ob.queue.clear();
-            ob.held.clear();
+            ob.held = None;
             self.shared.unsent.fetch_sub(dropped, Ordering::Relaxed);
         }
         if ob.closing {

@@ -16,9 +16,17 @@
 //!   one of its topics has a publish still on its way are routed through the same
 //!   task ([`Fanout::send_own`]), so sends and publishes reach it in call order.
 //!
+//! - **Backplane.** With `Config.pubsub` a [`Relay`] (relay.rs) is attached: a publish
+//!   is also handed to it (for the other servers), a topic's first local subscriber
+//!   makes it SUBSCRIBE the topic's Redis channel and the last one leaving makes it
+//!   UNSUBSCRIBE. What it receives from other servers comes back through
+//!   [`Fanout::publish_local`], the same path as a local publish.
+//!
 //! Locks: the registry lock, then a topic's subscriber lock, then (inside it) one
 //! connection's outbox at a time. A connection lock is never held while taking a
-//! topic or registry lock (lockcheck.rs, docs/architecture.md).
+//! topic or registry lock (lockcheck.rs, docs/architecture.md). The relay's hooks run
+//! under the registry lock (so SUBSCRIBE/UNSUBSCRIBE follow the registry's order) and
+//! only push to a channel: no I/O, no other lock.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -29,6 +37,7 @@ use indexmap::IndexMap;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
+use crate::relay::Relay;
 use crate::shared::{Backpressure, ConnShared, Fanned};
 
 /// Jobs taken from the channel at a time (publishes queued in one wake-up).
@@ -77,11 +86,14 @@ pub struct Fanout {
     pub dropped: AtomicU64,
     /// Connections closed with 1013 for going over `max_backpressure` ("close").
     pub backpressure_closes: AtomicU64,
+    /// The Redis backplane (`Config.pubsub`), if any.
+    relay: Option<Arc<Relay>>,
 }
 
 impl Fanout {
-    pub fn new(policy: Backpressure) -> Self {
+    pub fn new(policy: Backpressure, relay: Option<Arc<Relay>>) -> Self {
         Self {
+            relay,
             topics: Mutex::new(HashMap::new()),
             tx: OnceLock::new(),
             policy,
@@ -97,6 +109,11 @@ impl Fanout {
         if self.tx.set(tx).is_ok() {
             rt.spawn(self.clone().run(rx));
         }
+    }
+
+    /// The Redis backplane, if `Config.pubsub` is set.
+    pub fn relay(&self) -> Option<&Arc<Relay>> {
+        self.relay.as_ref()
     }
 
     /// Topics with at least one subscriber.
@@ -127,7 +144,10 @@ impl Fanout {
                         count: AtomicUsize::new(0),
                         in_flight: AtomicUsize::new(0),
                     });
-                    topics.insert(name, t.clone());
+                    topics.insert(name.clone(), t.clone());
+                    if let Some(relay) = &self.relay {
+                        relay.watch(name);
+                    }
                     t
                 }
             }
@@ -160,14 +180,27 @@ impl Fanout {
             if let Some(t) = topics.get(&topic.name) {
                 if Arc::ptr_eq(t, topic) && topic.subscribers() == 0 {
                     topics.remove(&topic.name);
+                    if let Some(relay) = &self.relay {
+                        relay.unwatch(topic.name.clone());
+                    }
                 }
             }
         }
     }
 
-    /// Queue `frame` to every subscriber of `name` except connection `exclude`; returns
-    /// how many subscribers it goes to. The walk happens on the fan-out task.
+    /// Queue `frame` to every subscriber of `name` except connection `exclude` (and,
+    /// with a backplane, hand it to the relay for the other servers, where `exclude`
+    /// does not apply); returns how many local subscribers it goes to.
     pub fn publish(&self, name: &str, frame: Bytes, exclude: Option<(u64, bool)>) -> usize {
+        if let Some(relay) = &self.relay {
+            relay.publish(name, frame.clone());
+        }
+        self.publish_local(name, frame, exclude)
+    }
+
+    /// Queue `frame` to every local subscriber of `name` except connection `exclude`;
+    /// returns how many subscribers it goes to. The walk happens on the fan-out task.
+    pub fn publish_local(&self, name: &str, frame: Bytes, exclude: Option<(u64, bool)>) -> usize {
         let topic = match self.topics.lock().get(name) {
             Some(t) => t.clone(),
             None => return 0,

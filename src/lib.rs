@@ -5,7 +5,8 @@
 //! `lightws-proto` crate (crates/lightws-proto); `session` holds one connection's
 //! protocol rules (sans I/O) and `conn` drives it on tokio; `shared` is what a
 //! connection's task and its Python object share; `server` owns the listener and TLS;
-//! `hub` carries events from tokio to the asyncio loop; `bridge` is the Python-facing
+//! `hub` carries events from tokio to the asyncio loop; `relay` is the Redis
+//! backplane of `fanout` (Config.pubsub); `bridge` is the Python-facing
 //! side; `bench` (only with the `loadgen` feature) exposes the load generator of
 //! crates/lightws-loadgen. This file only registers the Python classes.
 
@@ -23,6 +24,7 @@ pub mod conn;
 pub mod fanout;
 pub mod hub;
 pub mod lockcheck;
+pub mod relay;
 pub mod server;
 pub mod shared;
 pub mod stats;

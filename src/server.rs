@@ -55,6 +55,11 @@ pub struct ServerConfig {
     pub key_file: Option<String>,
     /// The slow-consumer policy for fanned-out frames (publish, broadcast).
     pub backpressure: Backpressure,
+    /// SO_REUSEPORT: several processes (`python -m lightws serve --workers N`) share
+    /// the address and the kernel spreads new connections over them.
+    pub reuse_port: bool,
+    /// `Config.pubsub`: the Redis URL of the backplane (relay.rs), if any.
+    pub pubsub: Option<String>,
 }
 
 /// State shared by the accept loop and every connection task.
@@ -137,6 +142,9 @@ pub fn bind(cfg: &ServerConfig) -> io::Result<std::net::TcpListener> {
 fn bind_one(cfg: &ServerConfig, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    if cfg.reuse_port {
+        sock.set_reuse_port(true)?;
+    }
     // Set before listen(): accepted sockets inherit them, and the receive buffer must be
     // known before the handshake for TCP window scaling. None keeps kernel autotuning.
     if let Some(n) = cfg.sock_read_buffer {
@@ -637,7 +645,24 @@ mod size_tests {
                 max: 1 << 20,
                 close: true,
             },
+            reuse_port: false,
+            pubsub: None,
         }
+    }
+
+    /// SO_REUSEPORT is what lets the workers of `python -m lightws serve` share a port;
+    /// without it a second bind fails as before.
+    #[test]
+    fn reuse_port_lets_listeners_share_an_address() {
+        let mut cfg = probe_config();
+        let first = bind(&cfg).unwrap();
+        cfg.addr = first.local_addr().unwrap().to_string();
+        assert!(bind(&cfg).is_err(), "a second plain bind must fail");
+        drop(first);
+        cfg.reuse_port = true;
+        let a = bind(&cfg).unwrap();
+        let b = bind(&cfg).unwrap();
+        assert_eq!(a.local_addr().unwrap(), b.local_addr().unwrap());
     }
 
     /// The per-connection task is the bulk of the Rust memory of an idle connection:

@@ -82,7 +82,8 @@ pub struct Outbox {
     pub queue: OutQueue,
     /// Shared frames that arrived while a fragmented message was going out: they go in
     /// right after its final frame (RFC 6455 5.4: no data frame between fragments).
-    pub held: OutQueue,
+    /// (Boxed on first use: an idle connection pays one pointer for it.)
+    pub held: Option<Box<OutQueue>>,
     /// A fragmented message is going out: its first frame is queued, its final one not.
     pub fragmenting: bool,
     /// A `send()` is waiting for `queue` to be taken (it was over `write_limit`).
@@ -99,6 +100,11 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// Bytes held behind a fragmented message.
+    pub fn held_len(&self) -> usize {
+        self.held.as_ref().map_or(0, |h| h.len())
+    }
+
     /// Follow the fragmentation state from the first byte of a data frame queued for
     /// this connection; when a fragmented message ends, the frames held meanwhile go
     /// right after it.
@@ -109,8 +115,9 @@ impl Outbox {
             self.fragmenting = true;
         } else if opcode == OpCode::Continuation.as_u8() && fin && self.fragmenting {
             self.fragmenting = false;
-            let mut held = std::mem::take(&mut self.held);
-            self.queue.append(&mut held);
+            if let Some(mut held) = self.held.take() {
+                self.queue.append(&mut held);
+            }
         }
     }
 }
@@ -221,7 +228,9 @@ impl ConnShared {
         }
         let wake = ob.queue.is_empty() && !ob.fragmenting;
         if ob.fragmenting {
-            ob.held.push_chunk(frame);
+            ob.held
+                .get_or_insert_with(Default::default)
+                .push_chunk(frame);
         } else {
             ob.queue.push_chunk(frame);
         }
@@ -307,7 +316,7 @@ impl Drop for ClosedGuard {
             let mut outbox = self.shared.outbox.lock();
             outbox.closed = true;
             outbox.queue.clear();
-            outbox.held.clear();
+            outbox.held = None;
         }
         self.shared.hub.push(Event::Closed(self.shared.id));
     }

@@ -19,6 +19,7 @@ import importlib.util
 import os
 import socket
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,63 @@ def test_fault_storm(loop: str, tmp_path: Path) -> None:
     assert report.handlers_running == 0
     kinds = {k.split("/")[0] for k in report.faults if not k.startswith("leave:")}
     assert len(kinds) >= len(fault_storm.KINDS) // 2, report.render()
+
+
+@pytest.mark.timeout(120)
+def test_fault_storm_with_the_redis_relay(tmp_path: Path) -> None:
+    """The pubsub mode's publishes, subscribes and unsubscribes also go through the
+    Redis relay (Config.pubsub) while the storm runs: the loop never stalls and the
+    relay leaves nothing behind."""
+    from backplane import require_redis
+    from support.ports import free_port
+
+    port = free_port()
+    redis = subprocess.Popen(
+        [
+            require_redis(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("redis-server did not answer PING")
+            time.sleep(0.05)
+        opts = fault_storm.StormOptions(
+            seed=SEED + 1,
+            duration=6.0,
+            concurrency=16,
+            max_clients=1500,
+            freeze_after=5.0,
+            workdir=tmp_path,
+            pubsub=f"redis://127.0.0.1:{port}",
+            kinds=["reset_mid_send", "stop_reading", "reset_mid_close"],
+        )
+        report = fault_storm.run_storm(opts)
+        print(report.render())
+        assert report.ok, "\n" + report.render()
+        assert report.modes["pubsub"] > 0, report.render()
+        assert report.leaked_connections == 0
+    finally:
+        redis.kill()
+        redis.wait()
 
 
 def read_head(sock: socket.socket) -> bytes:

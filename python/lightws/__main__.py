@@ -4,8 +4,12 @@
     python -m lightws countdown --addr 127.0.0.1:9001   # send N: "N...", ..., "boom!"
     python -m lightws push      --addr 127.0.0.1:9001 --put-addr 127.0.0.1:9002
     python -m lightws chat      --addr 127.0.0.1:9001   # rooms: ?room=lobby&name=alice
+    python -m lightws serve myapp:handshake --addr :9001 --workers 4 [--pubsub redis://...]
 
-Open http://127.0.0.1:9001/ in a browser for the demo's page. SIGINT/SIGTERM stop
+``serve`` runs your own application (a handshake callable or a lightws.Config) in N
+worker processes sharing the port; see docs/deploy.md.
+
+Open http://127.0.0.1:9001/ in a browser for a demo's page. SIGINT/SIGTERM stop
 accepting, close every connection with 1001 (waiting up to --close-timeout) and exit 0;
 a second SIGINT/SIGTERM during that wait aborts it (connections dropped, exit 0 too).
 A configuration mistake (a bad address, an unreadable or mismatched certificate, a port
@@ -28,7 +32,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from . import Config, HandshakeFunc, LogLevel, Server, _bench
+from . import Config, HandshakeFunc, LogLevel, Server, _bench, _workers
 from ._run import ShutdownOnSignals
 from .demos import PushRegistry, chat_handshake, countdown_handshake, echo_handshake
 from .demos.chat import MAX_MESSAGE
@@ -48,11 +52,7 @@ CHAT_MAX_MSG_LEN = 4 * MAX_MESSAGE
 SideServers = Callable[[Server], list[tuple[Server, str]]]
 
 
-def _split_addr(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address must be host:port, not {addr!r}")
-    return host.strip("[]"), int(port)
+_split_addr = _workers._split_addr
 
 
 def _is_loopback(host: str) -> bool:
@@ -240,6 +240,16 @@ def _parser() -> argparse.ArgumentParser:
         '{"type": "message", "text": TEXT} goes to everyone in the room, join and leave '
         "notices carry the member count, bad input gets an error message back.",
     )
+
+    serve = sub.add_parser(
+        "serve",
+        help="run MODULE:ATTR (a handshake callable or a lightws.Config) in N workers",
+        description="Run an application in N worker processes sharing the address "
+        "(SO_REUSEPORT), supervised: a worker that dies is restarted; SIGTERM/SIGINT "
+        "close every client with 1001 and exit 0; SIGHUP reloads the certificates. "
+        "See docs/deploy.md.",
+    )
+    _workers.add_arguments(serve)
     bench = sub.add_parser("bench", help="load generator: echo, rate, idle and chat loads")
     _bench.add_arguments(bench)
     return p
@@ -288,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
         return _bench.run(args)
+    if args.command == "serve":
+        return _workers.run(args)
     if bool(args.cert) != bool(args.key):
         return _error("--cert and --key go together")
     level = LogLevel[args.log_level]

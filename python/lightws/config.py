@@ -120,6 +120,19 @@ class Config:
     backlog: int = 1024
     #: Tokio worker threads doing the I/O. Default 1.
     threads: int = 1
+    #: Set SO_REUSEPORT on the listening socket, so several processes can listen on the
+    #: same address and the kernel spreads new connections over them (what
+    #: ``python -m lightws serve --workers N`` does). Default False.
+    reuse_port: bool = False
+    #: The pub/sub backplane: a ``redis://[user:password@]host:port[/db]`` URL (Redis 6+
+    #: or Valkey; ``redis+unix:///path`` for a socket). ``server.publish`` then also
+    #: reaches the subscribers of every server configured with the same URL, through
+    #: Redis PUBLISH/SUBSCRIBE on channel ``lightws:<topic>`` (subscribed only while this
+    #: server has a local subscriber). At-most-once; ``exclude`` applies to this server
+    #: only. Redis unreachable at start raises ``OSError``; lost later, local delivery
+    #: goes on and the server reconnects (``stats().pubsub``). See docs/deploy.md.
+    #: Default None (this server only).
+    pubsub: str | None = None
     #: Show non-upgrade HTTP requests to the handshake callable (``request.upgrade`` is
     #: False); it answers with ``response.status/headers/body`` and returns None
     #: (status defaults to 200 with a body, 404 without). Default False: they get 400.

@@ -94,6 +94,19 @@ class Stats:
     #: Connections closed with 1013 for going over ``max_backpressure``
     #: (``on_backpressure="close"``).
     backpressure_closes: int = 0
+    #: The pub/sub backplane (``Config.pubsub``): ``"connected"``, ``"reconnecting"``
+    #: (Redis lost; local delivery goes on), or None without one.
+    pubsub: str | None = None
+    #: Connections to Redis that failed or were lost (each failed attempt counts).
+    relay_errors: int = 0
+    #: Published messages that could not be handed to Redis (published while it was
+    #: unreachable, or in a batch that failed): delivered locally only.
+    unrelayed: int = 0
+    #: Published messages handed to Redis for the other servers.
+    relayed: int = 0
+    #: Messages from other servers delivered to local subscribers (one per message,
+    #: not per subscriber).
+    relay_received: int = 0
     #: Per-second rates of the counters over the last 30 seconds (see :class:`Rates`
     #: for a server younger than that).
     rates: Rates = field(default_factory=Rates)
@@ -115,6 +128,12 @@ class Stats:
             f"topics={self.topics} subscriptions={self.subscriptions} "
             f"dropped={self.dropped} backpressure_closes={self.backpressure_closes}",
         ]
+        if self.pubsub is not None:
+            lines.append(
+                f"pubsub={self.pubsub} relayed={self.relayed} "
+                f"relay_received={self.relay_received} unrelayed={self.unrelayed} "
+                f"relay_errors={self.relay_errors}"
+            )
         if self.connections_reading is not None:
             lines.insert(
                 1,
@@ -338,6 +357,11 @@ class Server:
             subscriptions=d["subscriptions"],
             dropped=d["dropped"],
             backpressure_closes=d["backpressure_closes"],
+            pubsub=d["pubsub"],
+            relay_errors=d["relay_errors"],
+            unrelayed=d["unrelayed"],
+            relayed=d["relayed"],
+            relay_received=d["relay_received"],
             bytes_in=d["bytes_in"],
             bytes_out=d["bytes_out"],
             frames_in=_opcode_dict(d["frames_in"]),
@@ -371,6 +395,11 @@ class Server:
         unwritten is handled by ``on_backpressure`` (closed with 1013, or skipped).
         Per connection, messages arrive in call order, interleaved with its ``send()``s.
         Callable from any thread. A server not started has no subscribers (returns 0).
+
+        With ``Config.pubsub`` the message also goes, through Redis, to the subscribers
+        of every other server sharing that URL (at-most-once; in order per publisher
+        and topic; ``exclude`` applies to this server only). The count is still the
+        local one, and publish never waits for Redis.
         """
         return self._require_core().publish(topic, message, exclude)
 

@@ -18,6 +18,8 @@ pub(super) struct PyApi {
     pub(super) writer: Py<PyAny>,
     pub(super) closed_base: Py<PyAny>,
     pub(super) handler_failed: Py<PyAny>,
+    /// `asyncio.InvalidStateError`: what `Future.result()` raises while pending.
+    pub(super) invalid_state: Py<PyAny>,
 }
 
 pub(super) static API: PyOnceLock<PyApi> = PyOnceLock::new();
@@ -48,6 +50,7 @@ pub(super) fn api(py: Python<'_>) -> PyResult<&PyApi> {
                 .import("lightws.server")?
                 .getattr("_handler_failed")?
                 .unbind(),
+            invalid_state: py.import("asyncio")?.getattr("InvalidStateError")?.unbind(),
         })
     })
 }

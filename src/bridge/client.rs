@@ -84,7 +84,7 @@ pub fn client_core(
         srv,
         hub,
         event_loop,
-        fanout: Arc::new(Fanout::new(backpressure)),
+        fanout: Arc::new(Fanout::new(backpressure, None)),
         server: py.None(),
         dispatch: py.None(),
         log,
@@ -124,6 +124,8 @@ fn placeholder_server_config(backpressure: Backpressure) -> ServerConfig {
         cert_file: None,
         key_file: None,
         backpressure,
+        reuse_port: false,
+        pubsub: None,
     }
 }
 

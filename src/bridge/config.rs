@@ -174,6 +174,8 @@ pub(super) fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
         io_statistics: get(cfg, "io_statistics")?,
         cert_file: cert,
         key_file: key,
+        reuse_port: get(cfg, "reuse_port")?,
+        pubsub: get(cfg, "pubsub")?,
     })
 }
 

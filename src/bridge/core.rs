@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
@@ -23,6 +23,7 @@ use super::message::data_frame;
 use crate::fanout::Fanout;
 use crate::frame::{OpCode, Role};
 use crate::lockcheck::ConnMutex;
+use crate::relay::Relay;
 use crate::security::IpLimiter;
 use crate::server::{self, ServerShared};
 use crate::session::LogLevel;
@@ -188,7 +189,14 @@ impl Core {
             }
             _ => None,
         };
-        let fanout = Arc::new(Fanout::new(cfg.backpressure));
+        let relay = cfg
+            .pubsub
+            .as_deref()
+            .map(Relay::new)
+            .transpose()
+            .map_err(PyValueError::new_err)?
+            .map(Arc::new);
+        let fanout = Arc::new(Fanout::new(cfg.backpressure, relay));
         let srv = Arc::new(ServerShared {
             per_ip: IpLimiter::new(cfg.max_connections_per_ip),
             cfg,
@@ -235,6 +243,12 @@ impl Core {
             .enable_all()
             .build()
             .map_err(|e| PyOSError::new_err(format!("cannot start the I/O runtime: {e}")))?;
+        // The backplane before anything is accepted: unreachable Redis fails start().
+        if let Some(relay) = self.fanout.relay() {
+            let (fanout, srv) = (self.fanout.clone(), srv.clone());
+            py.detach(|| relay.start(&rt, fanout, srv))
+                .map_err(PyOSError::new_err)?;
+        }
         let (tx, rx) = watch::channel(false);
         let fd = {
             use std::os::fd::AsRawFd;
@@ -421,6 +435,16 @@ impl Core {
             "backpressure_closes",
             self.fanout.backpressure_closes.load(Ordering::Relaxed),
         )?;
+        let relay = self.fanout.relay();
+        d.set_item("pubsub", relay.map(|r| r.state()))?;
+        for (name, n) in [
+            ("relay_errors", relay.map(|r| &r.relay_errors)),
+            ("unrelayed", relay.map(|r| &r.unrelayed)),
+            ("relayed", relay.map(|r| &r.relayed)),
+            ("relay_received", relay.map(|r| &r.received)),
+        ] {
+            d.set_item(name, n.map_or(0, |n| n.load(Ordering::Relaxed)))?;
+        }
         d.set_item("topics", self.fanout.topics())?;
         d.set_item("subscriptions", self.fanout.subscriptions())?;
         d.set_item("rates", rates)?;

@@ -6,6 +6,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
+use super::api::api;
 use super::connection::{Connection, Received, Want};
 use crate::lockcheck::assert_unlocked;
 
@@ -113,15 +114,21 @@ impl Op {
                     }
                 }
                 OpState::Wait { fut, kind } => {
-                    if !is_done(py, &fut)? {
-                        let y = Self::yield_future(py, &fut);
-                        self.state = OpState::Wait { fut, kind };
-                        return y;
+                    // The task resumes us once the future is complete: result() gives
+                    // its value or raises its exception (ConnectionClosed,
+                    // CancelledError). One call, not done() then result(): this is on
+                    // every message's path.
+                    assert_unlocked("future.result()");
+                    match fut.call_method0(py, intern!(py, "result")) {
+                        Ok(v) => return Err(PyStopIteration::new_err((v,))),
+                        Err(e) if e.is_instance(py, api(py)?.invalid_state.bind(py)) => {
+                            // Resumed early (not by a task): wait on.
+                            let y = Self::yield_future(py, &fut);
+                            self.state = OpState::Wait { fut, kind };
+                            return y;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    // The task resumed us: the future is complete. result() raises its
-                    // exception (ConnectionClosed, CancelledError) if it has one.
-                    let v = fut.call_method0(py, intern!(py, "result"))?;
-                    return Err(PyStopIteration::new_err((v,)));
                 }
             }
         }
