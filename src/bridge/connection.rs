@@ -1,5 +1,9 @@
 //! `lightws.Connection`: the receive side, closing, properties, and the handshake
 //! answer. The send scheduler is in send.rs.
+//!
+//! (Over 800 lines because it is the whole Python-facing surface of a connection:
+//! some forty documented methods and properties of a few lines each, in one
+//! `#[pymethods]` block; the machinery behind them is in send.rs, op.rs and message.rs.)
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
