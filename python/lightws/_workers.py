@@ -103,7 +103,11 @@ def _error(message: object) -> int:
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    # One write per line: print() writes the text and its newline separately, and the
+    # workers share the supervisor's stderr, so two workers' lines could interleave
+    # ("...reloadedlightws: worker 1: ..."); a write under PIPE_BUF bytes is atomic.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
