@@ -70,6 +70,11 @@ impl Io for SharedIo<'_> {
         let len = data.len();
         let mut inbox = shared.inbox.lock();
         inbox.assembling = false;
+        if inbox.discard {
+            drop(inbox);
+            drop(data);
+            return;
+        }
         inbox.queue.push_back(InMsg { opcode, data, part });
         inbox.bytes += len;
         if inbox.bytes >= shared.cfg.inbox_limit {

@@ -40,6 +40,7 @@ use tokio::sync::mpsc;
 use crate::deflate::{Compressor, Direction};
 use crate::frame::OpCode;
 use crate::relay::Relay;
+pub use crate::shared::Topic;
 use crate::shared::{Backpressure, ConnShared, Fanned, SharedItem};
 
 /// Frames of a publish compressed for subscribers with server_no_context_takeover, one
@@ -98,27 +99,6 @@ fn fit(conn: &ConnShared, frame: &Bytes, cache: Option<&mut Compressed>) -> Shar
 
 /// Jobs taken from the channel at a time (publishes queued in one wake-up).
 const BATCH: usize = 256;
-
-/// One topic: its name and its subscribers.
-pub struct Topic {
-    pub name: Arc<str>,
-    subs: Mutex<IndexMap<u64, Arc<ConnShared>>>,
-    /// Subscribers, readable without the lock (publish counts with it).
-    count: AtomicUsize,
-    /// Publishes queued for the fan-out task and not yet fanned out.
-    in_flight: AtomicUsize,
-}
-
-impl Topic {
-    /// A publish to this topic is still on its way to the subscribers.
-    pub fn busy(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) > 0
-    }
-
-    pub fn subscribers(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
-    }
-}
 
 enum Job {
     Publish {
@@ -321,6 +301,29 @@ impl Fanout {
     pub fn deliver(&self, conn: &ConnShared, frame: Bytes) -> bool {
         let item = fit(conn, &frame, None);
         self.count(conn.push_shared_item(item, Some(self.policy)))
+    }
+
+    /// Whether `len` more bytes may be queued on `conn` (`send_nowait`): over
+    /// `max_backpressure` the policy applies and is counted, as for a fanned-out frame.
+    pub fn admit(&self, conn: &ConnShared, len: usize) -> bool {
+        if conn.unsent.load(Ordering::Relaxed) + len <= self.policy.max {
+            return true;
+        }
+        if !self.policy.close {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let overflowed = {
+            let mut ob = conn.outbox.lock();
+            let first = !(ob.closed || ob.closing || ob.overflow);
+            ob.overflow = true;
+            first
+        };
+        if overflowed {
+            conn.waker.wake();
+            self.backpressure_closes.fetch_add(1, Ordering::Relaxed);
+        }
+        false
     }
 
     /// Count what the policy did; true if the frame was queued.

@@ -76,6 +76,9 @@ pub struct Inbox {
     pub paused: bool,
     /// A data message has started arriving but is not complete yet.
     pub assembling: bool,
+    /// Incoming data messages are dropped (a `lightws.Accept` connection without a
+    /// listener: nobody would read them).
+    pub discard: bool,
 }
 
 #[derive(Default)]
@@ -100,6 +103,10 @@ pub struct Outbox {
     /// A fanned-out frame would have taken the connection over `max_backpressure` with
     /// `on_backpressure="close"`: the task drops what is queued and closes with 1013.
     pub overflow: bool,
+    /// The topics this connection is subscribed to (fanout.rs). Here rather than with
+    /// the Python object: a listener or `Accept` connection keeps its subscriptions
+    /// while it has no Python object.
+    pub topics: Vec<Arc<Topic>>,
 }
 
 impl Outbox {
@@ -122,6 +129,27 @@ impl Outbox {
                 self.queue.append(&mut held);
             }
         }
+    }
+}
+
+/// One topic: its name and its subscribers (fanout.rs keeps the registry).
+pub struct Topic {
+    pub name: Arc<str>,
+    pub(crate) subs: parking_lot::Mutex<indexmap::IndexMap<u64, Arc<ConnShared>>>,
+    /// Subscribers, readable without the lock (publish counts with it).
+    pub(crate) count: AtomicUsize,
+    /// Publishes queued for the fan-out task and not yet fanned out.
+    pub(crate) in_flight: AtomicUsize,
+}
+
+impl Topic {
+    /// A publish to this topic is still on its way to the subscribers.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
     }
 }
 

@@ -39,9 +39,11 @@ from .exceptions import (
     ProtocolError,
 )
 from .http import Headers, Request, Response
+from .listener import Accept, Listener
 from .server import Rates, Server, Stats
 
 __all__ = [
+    "Accept",
     "CloseCode",
     "Config",
     "Connection",
@@ -54,6 +56,7 @@ __all__ = [
     "Headers",
     "InvalidHandshake",
     "LightwsError",
+    "Listener",
     "LogLevel",
     "Message",
     "Opcode",

@@ -11,6 +11,7 @@ from ._types import LogLevel
 if TYPE_CHECKING:
     from ._lightws import Connection
     from .http import Request, Response
+    from .listener import Accept, Listener
 
 __all__ = ["Config", "Deflate", "Handler", "HandshakeFunc"]
 
@@ -20,10 +21,12 @@ __all__ = ["Config", "Deflate", "Handler", "HandshakeFunc"]
 #: is sent, and one that raises or returns something else is answered with 500.
 Handler = Callable[["Connection"], Awaitable[None]]
 
-#: The handshake callable: ``(request, response) -> Handler | None``, sync or async.
+#: The handshake callable: ``(request, response) -> Handler | Listener | Accept | None``,
+#: sync or async. A :class:`~lightws.Listener` (or any object with some of its methods)
+#: or :class:`~lightws.Accept` makes a connection without a coroutine.
 HandshakeFunc = Callable[
     ["Request", "Response"],
-    Handler | Awaitable[Handler | None] | None,
+    "Handler | Listener | Accept | Awaitable[Handler | Listener | Accept | None] | None",
 ]
 
 

@@ -17,6 +17,7 @@ from ._lightws import Connection, Message
 from ._types import LogLevel, Opcode
 from .config import Config
 from .http import Request, Response
+from .listener import Accept, is_listener
 
 __all__ = ["Rates", "Server", "Stats"]
 
@@ -165,6 +166,8 @@ class Server:
         self._closed: asyncio.Future[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._sockets: list[socket.socket] = []
+        #: The timer that releases the objects of idle listener connections.
+        self._sweeper: asyncio.TimerHandle | None = None
         #: The Python level of Config.log_level: this server's records below it are
         #: dropped (see _log).
         self._level = logging.ERROR
@@ -206,6 +209,7 @@ class Server:
         self._core = core
         self._closed = loop.create_future()
         loop.add_reader(core.fd(), core.drain)
+        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
         self._log_server(
             logging.INFO, "lightws listening on %s%s", self._where(), " (TLS)" if core.tls else ""
         )
@@ -320,6 +324,8 @@ class Server:
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
         where = self._where()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         loop.remove_reader(core.fd())
         core.shutdown()
         if not self._closed.done():
@@ -491,7 +497,22 @@ class Server:
                 status = 403 if request.upgrade else (200 if response.body else 404)
             _reject(conn, status, response.headers.raw_items(), response.body)
             return
-        if not callable(result):
+        native: Accept | None = None
+        if isinstance(result, Accept):
+            native = result
+        elif isinstance(result, type) and is_listener(result):
+            _conn_log(
+                logging.ERROR,
+                conn,
+                "the handshake returned the listener class %r: return an instance (%s())",
+                result,
+                result.__name__,
+            )
+            _reject(conn, 500, [], b"Internal Server Error")
+            return
+        elif is_listener(result):
+            native = Accept(listener=result)
+        elif not callable(result):
             _conn_log(logging.ERROR, conn, "%s; got %r", _HANDLER_HINT, result)
             _reject(conn, 500, [], b"Internal Server Error")
             return
@@ -505,6 +526,16 @@ class Server:
                 request.subprotocols,
             )
             _reject(conn, 500, [], b"Internal Server Error")
+            return
+        if native is not None:
+            try:
+                conn._accept(response.headers.raw_items(), sub)
+            except ValueError:
+                _conn_log(logging.ERROR, conn, "invalid handshake response", exc_info=True)
+                _reject(conn, 500, [], b"Internal Server Error")
+                return
+            # on_open runs in there (and any message already in).
+            conn._adopt(native.listener, list(native.topics))
             return
         # Call the handler before the 101 goes out, so that a handler that is not async
         # is refused with a 500 rather than accepted and closed with 1011 at once. For an
@@ -563,6 +594,17 @@ class Server:
             return
         conn._watch(task)
 
+    def _sweep(self) -> None:
+        # Once a second: the Connection objects of listener connections that had no event
+        # since the last sweep and that nothing references are released (listener.rs).
+        core, loop = self._core, self._loop
+        if core is None or loop is None or self._closed is None or self._closed.done():
+            return
+        try:
+            core.sweep()
+        finally:
+            self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
+
     def _spawn(self, coro: Any) -> None:
         assert self._loop is not None
         task: asyncio.Task[None] = self._loop.create_task(coro)
@@ -570,9 +612,15 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
 
+#: Seconds between two sweeps of idle listener connections' objects.
+_SWEEP_EVERY = 1.0
+
 #: What the handshake callable may return, for the error logged when it returned
 #: something else.
-_HANDLER_HINT = "the handshake must return an async function (async def handler(conn)) or None"
+_HANDLER_HINT = (
+    "the handshake must return an async function (async def handler(conn)), a listener "
+    "(an object with on_open/on_message/on_close methods), lightws.Accept(...) or None"
+)
 
 
 def _host_port(host: str, port: int) -> str:
@@ -607,6 +655,26 @@ def _conn_log(
 def _handler_failed(conn: Connection, exc: BaseException) -> None:
     """Called by the connection when its handler raised (it then closes with 1011)."""
     _conn_log(logging.ERROR, conn, "handler raised; closing with 1011", exc_info=exc)
+
+
+def _listener_failed(
+    conn: Connection, method: str, exc: BaseException | None, returned: object, closing: bool
+) -> None:
+    """Called by the connection when a listener method raised or returned an awaitable
+    (then it closes with 1011, unless it was on_close)."""
+    then = "; closing with 1011" if closing else ""
+    if exc is not None:
+        _conn_log(logging.ERROR, conn, "listener %s() raised%s", method, then, exc_info=exc)
+    else:
+        _conn_log(
+            logging.ERROR,
+            conn,
+            "listener %s() returned %r: listener methods are plain functions (def, not "
+            "async def) and cannot await; start a task (asyncio.create_task) for that%s",
+            method,
+            returned,
+            then,
+        )
 
 
 def _reject(conn: Connection, status: int, headers: list[tuple[str, str]], body: bytes) -> None:

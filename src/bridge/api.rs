@@ -18,6 +18,10 @@ pub(super) struct PyApi {
     pub(super) writer: Py<PyAny>,
     pub(super) closed_base: Py<PyAny>,
     pub(super) handler_failed: Py<PyAny>,
+    /// `lightws.server._listener_failed(conn, method, exc, returned, closing)`.
+    pub(super) listener_failed: Py<PyAny>,
+    /// `weakref.getweakrefcount`.
+    pub(super) getweakrefcount: Py<PyAny>,
     /// `asyncio.InvalidStateError`: what `Future.result()` raises while pending.
     pub(super) invalid_state: Py<PyAny>,
 }
@@ -37,6 +41,7 @@ pub(super) fn api(py: Python<'_>) -> PyResult<&PyApi> {
         }
         let exc = py.import("lightws.exceptions")?;
         let streaming = py.import("lightws.streaming")?;
+        let server = py.import("lightws.server")?;
         Ok(PyApi {
             opcodes,
             closed_ok: exc.getattr("ConnectionClosedOK")?.unbind(),
@@ -46,10 +51,9 @@ pub(super) fn api(py: Python<'_>) -> PyResult<&PyApi> {
             reader: streaming.getattr("MessageReader")?.unbind(),
             writer: streaming.getattr("MessageWriter")?.unbind(),
             closed_base: exc.getattr("ConnectionClosed")?.unbind(),
-            handler_failed: py
-                .import("lightws.server")?
-                .getattr("_handler_failed")?
-                .unbind(),
+            handler_failed: server.getattr("_handler_failed")?.unbind(),
+            listener_failed: server.getattr("_listener_failed")?.unbind(),
+            getweakrefcount: py.import("weakref")?.getattr("getweakrefcount")?.unbind(),
             invalid_state: py.import("asyncio")?.getattr("InvalidStateError")?.unbind(),
         })
     })

@@ -97,6 +97,7 @@ pub fn client_core(
             next_token: AtomicU64::new(1),
             on_idle,
         }),
+        natives: Default::default(),
     })
 }
 

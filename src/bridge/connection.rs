@@ -23,7 +23,7 @@ use super::message::{
 };
 use super::op::{done, is_done, op_wait, reject, resolve, Op, OpState, WaitKind, FAIR_BUDGET};
 use super::send::{Deferred, LargeSend, Payload};
-use crate::fanout::Topic;
+use crate::fanout::Fanout;
 use crate::frame::{self, OpCode};
 use crate::handshake;
 use crate::lockcheck::{assert_unlocked, ConnMutex};
@@ -65,8 +65,28 @@ pub(super) struct PyState {
     /// Set when the task ended (socket closed).
     pub(super) finished: bool,
     pub(super) sent_close: Option<CloseInfo>,
-    /// The topics this connection is subscribed to (fanout.rs).
-    pub(super) topics: Vec<Arc<Topic>>,
+    /// A listener method raised (listener.rs): closing with 1011, no more messages for
+    /// the listener.
+    pub(super) listener_failed: bool,
+}
+
+impl PyState {
+    /// Nothing is pending: no receive, send, writer, close or handshake answer that a
+    /// later event would have to complete. A listener connection's object in this
+    /// state can be released while the connection idles (core.rs, `sweep`).
+    pub(super) fn quiescent(&self) -> bool {
+        self.recv.is_none()
+            && self.putback.is_none()
+            && !self.writer_active
+            && self.handler.is_none()
+            && self.large.is_none()
+            && self.deferred.is_empty()
+            && self.writer_waiters.is_empty()
+            && self.drains.is_empty()
+            && self.closers.is_empty()
+            && self.reply.is_none()
+            && self.sent_close.is_none()
+    }
 }
 
 /// One WebSocket connection, handed to your handler.
@@ -341,16 +361,12 @@ impl Connection {
             )
         };
         drop(reply);
-        waiting.extend(deferred.into_iter().map(|d| d.fut));
+        waiting.extend(deferred.into_iter().filter_map(|d| d.fut));
         waiting.extend(large.map(|l| l.fut));
         let writers = std::mem::take(&mut self.st.lock().writer_waiters);
         waiting.extend(writers);
         // A closed connection is unsubscribed from everything.
-        let topics = std::mem::take(&mut self.st.lock().topics);
-        let fanout = &self.core.get().fanout;
-        for t in &topics {
-            fanout.unsubscribe(self.shared.id, t);
-        }
+        unsubscribe_all(&self.core.get().fanout, &self.shared);
         self.on_readable(py)?;
         for f in closers {
             resolve(py, &f, py.None())?;
@@ -370,6 +386,64 @@ impl Connection {
         // The receiver is gone only if the client left or the server stopped.
         let _ = tx.send(r);
         Ok(())
+    }
+}
+
+/// `(opcode, payload)` for what `send()` and `send_nowait()` take: `str` as TEXT,
+/// bytes-like as BINARY, a `Message` as given (not CLOSE or CONTINUATION).
+fn message_payload(message: &Bound<'_, PyAny>, what: &str) -> PyResult<(OpCode, Payload)> {
+    if let Ok(b) = message.cast::<PyBytes>() {
+        return Ok((OpCode::Binary, Payload::Bytes(b.clone().unbind())));
+    }
+    if let Ok(s) = message.cast::<PyString>() {
+        return Ok((OpCode::Text, Payload::Str(s.clone().unbind())));
+    }
+    if let Ok(m) = message.cast::<Message>() {
+        let m = m.get();
+        let op = OpCode::from_u8(m.opcode).unwrap_or(OpCode::Binary);
+        return match op {
+            OpCode::Close => Err(PyValueError::new_err(format!(
+                "send a close with `conn.close(code, reason)`, not {what}()"
+            ))),
+            OpCode::Continuation => Err(PyValueError::new_err(format!(
+                "CONTINUATION frames are sent by conn.writer(), not {what}()"
+            ))),
+            _ => Ok((op, Payload::Bytes(m.body.clone_ref(message.py())))),
+        };
+    }
+    match to_bytes(message)? {
+        Some(b) => Ok((OpCode::Binary, Payload::Bytes(b.unbind()))),
+        None => Err(PyTypeError::new_err(format!(
+            "{what}() takes str, a bytes-like object or lightws.Message, not {}",
+            type_name(message)
+        ))),
+    }
+}
+
+/// Subscribe `shared` to `topic` (no-op if it is already, or if the connection has
+/// ended). No Python: also used for `lightws.Accept` connections, which have no object.
+pub(super) fn subscribe(fanout: &Fanout, shared: &Arc<ConnShared>, topic: &str) {
+    if shared.outbox.lock().closed {
+        return;
+    }
+    // The registry and topic locks are taken with no connection lock held.
+    if let Some(t) = fanout.subscribe(shared, topic) {
+        let mut ob = shared.outbox.lock();
+        if !ob.closed {
+            ob.topics.push(t);
+            return;
+        }
+        drop(ob);
+        // The connection ended meanwhile; its topics may already have been taken.
+        fanout.unsubscribe(shared.id, &t);
+    }
+}
+
+/// Unsubscribe a connection that ended from every topic.
+pub(super) fn unsubscribe_all(fanout: &Fanout, shared: &ConnShared) {
+    let topics = std::mem::take(&mut shared.outbox.lock().topics);
+    for t in &topics {
+        fanout.unsubscribe(shared.id, t);
     }
 }
 
@@ -516,48 +590,34 @@ impl Connection {
         message: &Bound<'_, PyAny>,
         compress: Option<bool>,
     ) -> PyResult<Py<PyAny>> {
-        if let Ok(b) = message.cast::<PyBytes>() {
-            return self.send_payload(
-                py,
-                OpCode::Binary,
-                Payload::Bytes(b.clone().unbind()),
-                compress,
-            );
-        }
-        if let Ok(s) = message.cast::<PyString>() {
-            return self.send_payload(py, OpCode::Text, Payload::Str(s.clone().unbind()), compress);
-        }
-        if let Ok(m) = message.cast::<Message>() {
-            let m = m.get();
-            let op = OpCode::from_u8(m.opcode).unwrap_or(OpCode::Binary);
-            match op {
-                OpCode::Close => {
-                    return Err(PyValueError::new_err(
-                        "send a close with `await conn.close(code, reason)`, not send()",
-                    ))
-                }
-                OpCode::Continuation => {
-                    return Err(PyValueError::new_err(
-                        "CONTINUATION frames are sent by conn.writer(), not send()",
-                    ))
-                }
-                _ => {
-                    return self.send_payload(
-                        py,
-                        op,
-                        Payload::Bytes(m.body.clone_ref(py)),
-                        compress,
-                    )
-                }
-            }
-        }
-        match to_bytes(message)? {
-            Some(b) => self.send_payload(py, OpCode::Binary, Payload::Bytes(b.unbind()), compress),
-            None => Err(PyTypeError::new_err(format!(
-                "send() takes str, a bytes-like object or lightws.Message, not {}",
-                type_name(message)
-            ))),
-        }
+        let (op, payload) = message_payload(message, "send")?;
+        self.send_payload(py, op, payload, compress)
+    }
+
+    /// Queue a message without waiting (for listeners, whose methods cannot await):
+    /// `str` as TEXT, bytes-like as BINARY, a `Message` as given.
+    ///
+    /// Returns at once. Raises `ConnectionClosed` once the connection is closing. When
+    /// the bytes queued and not yet written (`buffered_amount`) would go over
+    /// `Config.max_backpressure`, `Config.on_backpressure` applies as for a publish:
+    /// `"close"` closes the connection with 1013, `"drop"` drops this message (counted
+    /// in `stats().dropped`). Messages go out in call order with `send()`s.
+    fn send_nowait(&self, py: Python<'_>, message: &Bound<'_, PyAny>) -> PyResult<()> {
+        let (op, payload) = message_payload(message, "send_nowait")?;
+        self.send_nowait_payload(py, op, payload)
+    }
+
+    /// Connections compare equal when they are the same connection: a listener may be
+    /// handed a new object for a connection whose object it did not keep.
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other
+            .cast::<Connection>()
+            .is_ok_and(|o| o.get().shared.id == self.shared.id)
+    }
+
+    fn __hash__(&self) -> u64 {
+        // Python turns -1 into -2 itself; ids are small positive numbers anyway.
+        self.shared.id
     }
 
     /// Send a TEXT message. `compress` as for `send()`.
@@ -615,7 +675,7 @@ impl Connection {
     /// Close gracefully: send a close frame, wait up to `close_timeout` for the peer's,
     /// then close TCP. Returns when the connection is closed. Idempotent.
     #[pyo3(signature = (code = 1000, reason = ""))]
-    fn close(&self, py: Python<'_>, code: u16, reason: &str) -> PyResult<Py<PyAny>> {
+    pub(super) fn close(&self, py: Python<'_>, code: u16, reason: &str) -> PyResult<Py<PyAny>> {
         if !sendable_close_code(code) {
             return Err(PyValueError::new_err(format!(
                 "close code {code} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999"
@@ -726,18 +786,15 @@ impl Connection {
         if self.st.lock().finished {
             return;
         }
-        let added = self.core.get().fanout.subscribe(&self.shared, topic);
-        if let Some(t) = added {
-            self.st.lock().topics.push(t);
-        }
+        subscribe(&self.core.get().fanout, &self.shared, topic);
     }
 
     /// Unsubscribe from `topic`; True if it was subscribed.
     fn unsubscribe(&self, topic: &str) -> bool {
         let found = {
-            let mut st = self.st.lock();
-            let pos = st.topics.iter().position(|t| &*t.name == topic);
-            pos.map(|i| st.topics.swap_remove(i))
+            let mut ob = self.shared.outbox.lock();
+            let pos = ob.topics.iter().position(|t| &*t.name == topic);
+            pos.map(|i| ob.topics.swap_remove(i))
         };
         match found {
             Some(t) => {
@@ -752,7 +809,8 @@ impl Connection {
     #[getter]
     fn topics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyFrozenSet>> {
         let names: Vec<String> = self
-            .st
+            .shared
+            .outbox
             .lock()
             .topics
             .iter()
@@ -783,12 +841,19 @@ impl Connection {
     }
 
     /// The `lightws.Request` this connection was upgraded from.
+    ///
+    /// For a listener connection it is there in `on_open` and as long as you keep the
+    /// object; a new object made for a later event has none (RuntimeError): read what
+    /// you need in `on_open`, or keep it as an attribute (`conn.user = ...`).
     #[getter]
-    fn request(&self, py: Python<'_>) -> Py<PyAny> {
-        self.request
-            .get()
-            .map(|r| r.clone_ref(py))
-            .unwrap_or_else(|| py.None())
+    fn request(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.request.get().map(|r| r.clone_ref(py)).ok_or_else(|| {
+            PyRuntimeError::new_err(
+                "this listener connection's request was released with its previous \
+                 Connection object: read what you need from conn.request in on_open, or \
+                 keep it (conn.user = ...)",
+            )
+        })
     }
 
     /// The client's `(host, port)`: the TCP peer, or behind a proxy listed in
@@ -897,6 +962,17 @@ impl Connection {
             headers,
             subprotocol,
         })
+    }
+
+    /// After `_accept`: make this a connection without a coroutine (listener.rs),
+    /// subscribed to `topics`, its events handed to `listener` if not None.
+    fn _adopt(
+        slf: &Bound<'_, Self>,
+        listener: Option<Bound<'_, PyAny>>,
+        topics: Vec<String>,
+    ) -> PyResult<()> {
+        let core = slf.get().core.bind(slf.py()).clone();
+        core.get().adopt(&core, slf, listener, topics)
     }
 
     fn _reject(&self, status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> PyResult<()> {

@@ -19,6 +19,7 @@ use super::client::{self as client, ClientState};
 use super::config::{build_config, tune_malloc};
 use super::connection::{raw_headers, Connection, PyState};
 use super::errors::tls_err;
+use super::listener::Natives;
 use super::message::data_frame;
 use crate::fanout::Fanout;
 use crate::frame::{OpCode, Role};
@@ -51,6 +52,8 @@ pub struct Core {
     pub(super) local: Mutex<Option<(SocketAddr, i32)>>,
     /// Some for the client core of an event loop (bridge/client.rs, `lightws.connect`).
     pub(super) client: Option<ClientState>,
+    /// Connections without a coroutine: listeners and `lightws.Accept` (listener.rs).
+    pub(super) natives: Natives,
 }
 
 impl Core {
@@ -139,17 +142,23 @@ impl Core {
             Event::Readable(id) => {
                 if let Some(c) = self.conn(py, id) {
                     c.get().on_readable(py)?;
+                } else {
+                    self.native_readable(core, id)?;
                 }
             }
             Event::Drained(id) => {
                 if let Some(c) = self.conn(py, id) {
                     c.get().on_drained(py)?;
+                } else {
+                    self.native_drained(py, id)?;
                 }
             }
             Event::Closed(id) => {
                 let c = self.conns.lock().remove(&id);
                 if let Some(c) = c {
                     c.get().on_closed(py)?;
+                } else {
+                    self.native_closed(core, id)?;
                 }
                 if self.client.is_some() {
                     client::notify_if_idle(py, self);
@@ -217,6 +226,7 @@ impl Core {
             stop: Mutex::new(None),
             local: Mutex::new(None),
             client: None,
+            natives: Natives::default(),
         })
     }
 
@@ -317,13 +327,30 @@ impl Core {
         }
     }
 
-    /// The open connections (accepted or waiting for their handshake).
-    fn connections(&self, py: Python<'_>) -> Vec<Py<Connection>> {
-        self.conns
+    /// The open connections (accepted or waiting for their handshake), including
+    /// those without a coroutine (their objects are made now if none is kept).
+    fn connections(slf: &Bound<'_, Self>) -> PyResult<Vec<Py<Connection>>> {
+        let py = slf.py();
+        let this = slf.get();
+        let mut out: Vec<Py<Connection>> = this
+            .conns
             .lock()
             .values()
             .map(|c| c.clone_ref(py))
-            .collect()
+            .collect();
+        out.extend(this.native_connections(slf)?);
+        Ok(out)
+    }
+
+    /// Release the objects kept for idle listener connections (called once a second
+    /// by lightws.Server); returns how many were released.
+    fn sweep(&self, py: Python<'_>) -> PyResult<usize> {
+        self.sweep_native(py)
+    }
+
+    /// How many connections have no coroutine (listeners and `Accept`).
+    fn native_count(&self) -> usize {
+        self.natives.len()
     }
 
     /// Stop the runtime: every task is dropped (sockets closed). Handles the resulting
@@ -358,7 +385,13 @@ impl Core {
         let frame = data_frame(message, "publish")?;
         let exclude = exclude.map(|c| {
             let c = c.get();
-            let subscribed = c.st.lock().topics.iter().any(|t| &*t.name == topic);
+            let subscribed = c
+                .shared
+                .outbox
+                .lock()
+                .topics
+                .iter()
+                .any(|t| &*t.name == topic);
             (c.shared.id, subscribed)
         });
         Ok(self.fanout.publish(topic, frame, exclude))

@@ -34,6 +34,7 @@ mod config;
 mod connection;
 mod core;
 mod errors;
+mod listener;
 mod message;
 mod op;
 mod send;

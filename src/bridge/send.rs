@@ -44,7 +44,8 @@ impl Payload {
 /// A message `send()` put aside while another message is going out in fragments
 /// (RFC 6455 5.4: no other data frame may come between the fragments of a message).
 pub(super) struct Deferred {
-    pub(super) fut: Py<PyAny>,
+    /// The sender's future; None for `send_nowait()`, which nobody waits for.
+    pub(super) fut: Option<Py<PyAny>>,
     pub(super) op: OpCode,
     pub(super) payload: Payload,
     /// Compress it (permessage-deflate), decided when send() was called.
@@ -96,7 +97,7 @@ impl Connection {
         if busy {
             let fut = self.create_future(py)?;
             self.st.lock().deferred.push_back(Deferred {
-                fut: fut.clone_ref(py),
+                fut: Some(fut.clone_ref(py)),
                 op,
                 payload,
                 compress,
@@ -107,6 +108,60 @@ impl Connection {
             None => self.completed(py),
             Some(fut) => self.pending(py, fut, WaitKind::Plain),
         }
+    }
+
+    /// `send_nowait()`: queue one message now and never wait. Over `max_backpressure`
+    /// the message follows `on_backpressure` like a publish (dropped, or the
+    /// connection closed with 1013).
+    pub(super) fn send_nowait_payload(
+        &self,
+        py: Python<'_>,
+        op: OpCode,
+        payload: Payload,
+    ) -> PyResult<()> {
+        let data = payload.as_bytes(py)?;
+        if op.is_control() && data.len() > frame::MAX_CONTROL_PAYLOAD {
+            return Err(PyValueError::new_err(format!(
+                "control frame payload is {} bytes; RFC 6455 allows at most 125",
+                data.len()
+            )));
+        }
+        let closing = {
+            let ob = self.shared.outbox.lock();
+            ob.closed || ob.closing
+        };
+        if closing || self.st.lock().sent_close.is_some() {
+            return Err(self.closed_error_now(py));
+        }
+        if !self.core.get().fanout.admit(&self.shared, data.len()) {
+            return Ok(());
+        }
+        if op.is_control() {
+            // Control frames may go between the fragments of a message (RFC 6455 5.4).
+            self.queue_frame(py, op, data, true, false)?;
+            return Ok(());
+        }
+        let compress = self.compress_decision(py, &payload, None)?;
+        let busy = {
+            let st = self.st.lock();
+            st.writer_active || st.large.is_some() || !st.deferred.is_empty()
+        };
+        if busy {
+            // Behind the fragmented message going out, in call order.
+            self.st.lock().deferred.push_back(Deferred {
+                fut: None,
+                op,
+                payload,
+                compress,
+            });
+            return Ok(());
+        }
+        if compress {
+            self.queue_compressed(py, op, data)?;
+        } else {
+            self.queue_frame(py, op, data, true, false)?;
+        }
+        Ok(())
     }
 
     /// Queue a data message now (the caller checked that no fragmented send is under
@@ -300,8 +355,8 @@ impl Connection {
         if self.shared.fenced.load(Acquire) > 0 {
             return true;
         }
-        let st = self.st.lock();
-        st.topics.iter().any(|t| t.busy())
+        let ob = self.shared.outbox.lock();
+        ob.topics.iter().any(|t| t.busy())
     }
 
     /// Queue a frame behind the publishes on their way (see fanout.rs, "Order").
@@ -382,16 +437,22 @@ impl Connection {
             };
             match next {
                 Ok(d) => {
-                    if is_done(py, &d.fut)? {
+                    let Some(fut) = d.fut else {
+                        // send_nowait(): nobody waits; an error has nobody to go to
+                        // (the connection is closing).
+                        let _ = self.send_data(py, d.op, d.payload, None, d.compress);
+                        continue;
+                    };
+                    if is_done(py, &fut)? {
                         continue; // the sender was cancelled: it did not send
                     }
                     // The sender's own future completes when its message is queued
                     // (and, over write_limit, written down to it).
-                    let waiter = Some(d.fut.clone_ref(py));
+                    let waiter = Some(fut.clone_ref(py));
                     match self.send_data(py, d.op, d.payload, waiter, d.compress) {
-                        Ok(None) => resolve(py, &d.fut, py.None())?,
+                        Ok(None) => resolve(py, &fut, py.None())?,
                         Ok(Some(_)) => {}
-                        Err(e) => reject(py, &d.fut, e)?,
+                        Err(e) => reject(py, &fut, e)?,
                     }
                 }
                 Err(Some(w)) => {
