@@ -28,7 +28,7 @@ use super::connection::{subscribe, unsubscribe_all, Connection, Popped, PyState,
 use super::core::Core;
 use super::message::make_message;
 use crate::lockcheck::{assert_unlocked, ConnMutex};
-use crate::shared::ConnShared;
+use crate::shared::{ConnShared, Event};
 
 /// Which of the three methods a listener has (looked up once per connection).
 const ON_OPEN: u8 = 1;
@@ -66,6 +66,11 @@ impl Natives {
         self.native.lock().len()
     }
 }
+
+/// Messages handed to one listener per event: a connection with a long queue lets
+/// the other connections' events and the loop's tasks in between (like the coroutine
+/// API's fairness budget).
+const LISTENER_BUDGET: usize = 64;
 
 /// The close code a listener failure closes with (internal error).
 const INTERNAL_ERROR: u16 = 1011;
@@ -131,7 +136,7 @@ impl Core {
         };
         let py = core.py();
         let c = obj.get();
-        loop {
+        for _ in 0..LISTENER_BUDGET {
             if c.st.lock().listener_failed {
                 // Closing with 1011 after a failure: nothing more for the listener.
                 let mut inbox = c.shared.inbox.lock();
@@ -158,6 +163,9 @@ impl Core {
             let r = l.call_method1(py, intern!(py, "on_message"), (obj.clone_ref(py), msg));
             self.listener_result(py, &obj, "on_message", r)?;
         }
+        // More are queued: the rest after the other events and tasks waiting now.
+        self.hub.push(Event::Readable(id));
+        Ok(true)
     }
 
     /// Event::Drained for a native connection: its object (if one is kept) may have
