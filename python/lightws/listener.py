@@ -35,7 +35,9 @@ class Listener:
 
     The methods are called on the event loop thread and must not block; they cannot
     ``await`` (start a task with ``asyncio.create_task`` for that). An exception in
-    ``on_open`` or ``on_message`` is logged and closes the connection with 1011.
+    ``on_open`` or ``on_message`` is logged and closes the connection with 1011, except
+    ``lightws.ConnectionClosed`` (a ``send_nowait`` on a connection that is closing),
+    which, as from a handler, is no failure.
 
     The ``Connection`` given to each call may be a new object for the same connection
     if you kept no reference to the previous one (it compares equal and has the same

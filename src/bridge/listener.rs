@@ -235,8 +235,9 @@ impl Core {
     }
 
     /// What a listener method returned: an exception (logged; the connection closes
-    /// with 1011, except after on_close) or an awaitable (a mistake: listener methods
-    /// are plain functions; logged, closed and 1011).
+    /// with 1011, except after on_close; `ConnectionClosed` is not a failure, as for a
+    /// handler) or an awaitable (a mistake: listener methods are plain functions;
+    /// logged, closed and 1011).
     fn listener_result(
         &self,
         py: Python<'_>,
@@ -258,6 +259,9 @@ impl Core {
                 }
                 (py.None(), v)
             }
+            // The connection closed under the listener (a send_nowait after the peer's
+            // close): as for a handler, not a failure; it is closing already.
+            Err(e) if e.is_instance(py, api(py)?.closed_base.bind(py)) => return Ok(()),
             Err(e) => (e.into_value(py).into_any(), py.None()),
         };
         let failed = api(py)?
