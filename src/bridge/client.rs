@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -407,6 +407,7 @@ pub(super) fn on_connected(core: &Bound<'_, Core>, ev: ConnectEvent) -> PyResult
                     shared: c.shared,
                     st: ConnMutex::new(PyState::default()),
                     immediate: AtomicU32::new(0),
+                    native: AtomicBool::new(false),
                     core: core.clone().unbind(),
                     request: OnceLock::new(),
                     subprotocol: OnceLock::new(),

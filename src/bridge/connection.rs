@@ -6,7 +6,7 @@
 //! `#[pymethods]` block; the machinery behind them is in send.rs, op.rs and message.rs.)
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -102,6 +102,9 @@ pub struct Connection {
     pub(super) st: ConnMutex<PyState>,
     /// Operations completed without suspending since the last suspension (fairness).
     pub(super) immediate: AtomicU32,
+    /// A connection without a coroutine (listener.rs): its messages go to the
+    /// listener, not to `recv()`.
+    pub(super) native: AtomicBool,
     /// The server's native half: its event loop, its topics, the `Server` object.
     pub(super) core: Py<Core>,
     pub(super) request: OnceLock<Py<PyAny>>,
@@ -309,6 +312,9 @@ impl Connection {
     }
 
     pub(super) fn receive(slf: &Bound<'_, Self>, want: Want) -> PyResult<Py<PyAny>> {
+        if slf.get().native.load(Ordering::Relaxed) {
+            return Err(native_receive_error());
+        }
         Op::new(OpState::Receive {
             conn: slf.clone().unbind(),
             want,
@@ -387,6 +393,13 @@ impl Connection {
         let _ = tx.send(r);
         Ok(())
     }
+}
+
+fn native_receive_error() -> PyErr {
+    PyRuntimeError::new_err(
+        "this connection has a listener (or was accepted with lightws.Accept): its \
+         messages go to the listener's on_message, not to recv() or reader()",
+    )
 }
 
 /// `(opcode, payload)` for what `send()` and `send_nowait()` take: `str` as TEXT,
@@ -503,6 +516,9 @@ impl Connection {
     fn reader(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let this = slf.get();
+        if this.native.load(Ordering::Relaxed) {
+            return Err(native_receive_error());
+        }
         let putback = this.st.lock().putback.is_some();
         if !putback {
             let inbox = this.shared.inbox.lock();

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -77,6 +77,7 @@ impl Core {
             Connection {
                 shared: conn,
                 immediate: AtomicU32::new(0),
+                native: AtomicBool::new(false),
                 st: ConnMutex::new(PyState {
                     reply: Some(reply),
                     ..Default::default()

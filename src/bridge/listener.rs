@@ -15,7 +15,7 @@
 //! re-enter), and no connection lock is taken under them.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
@@ -111,6 +111,7 @@ impl Core {
             Connection {
                 shared,
                 immediate: AtomicU32::new(0),
+                native: AtomicBool::new(true),
                 st: ConnMutex::new(PyState::default()),
                 core: core.clone().unbind(),
                 request: OnceLock::new(),
@@ -312,6 +313,7 @@ impl Core {
         };
         let methods = listener.as_ref().map_or(0, |(_, m)| *m);
         let has_listener = listener.is_some();
+        c.native.store(true, Ordering::Relaxed);
         let coroutine = self.conns.lock().remove(&id);
         drop(coroutine);
         let old = self.natives.native.lock().insert(
