@@ -20,6 +20,8 @@ pub(super) struct PyApi {
     pub(super) handler_failed: Py<PyAny>,
     /// `lightws.server._listener_failed(conn, method, exc, returned, closing)`.
     pub(super) listener_failed: Py<PyAny>,
+    /// An empty `contextvars.Context` shared by the handler tasks' done callbacks.
+    pub(super) empty_context: Py<PyAny>,
     /// `weakref.getweakrefcount`.
     pub(super) getweakrefcount: Py<PyAny>,
     /// `asyncio.InvalidStateError`: what `Future.result()` raises while pending.
@@ -53,6 +55,7 @@ pub(super) fn api(py: Python<'_>) -> PyResult<&PyApi> {
             closed_base: exc.getattr("ConnectionClosed")?.unbind(),
             handler_failed: server.getattr("_handler_failed")?.unbind(),
             listener_failed: server.getattr("_listener_failed")?.unbind(),
+            empty_context: py.import("contextvars")?.getattr("Context")?.call0()?.unbind(),
             getweakrefcount: py.import("weakref")?.getattr("getweakrefcount")?.unbind(),
             invalid_state: py.import("asyncio")?.getattr("InvalidStateError")?.unbind(),
         })

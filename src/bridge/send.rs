@@ -90,13 +90,10 @@ impl Connection {
             return self.enqueue_frame(py, op, data, true);
         }
         let compress = self.compress_decision(py, &payload, compress)?;
-        let busy = {
-            let st = self.st.lock();
-            st.writer_active || st.large.is_some() || !st.deferred.is_empty()
-        };
+        let busy = self.st.lock().busy();
         if busy {
             let fut = self.create_future(py)?;
-            self.st.lock().deferred.push_back(Deferred {
+            self.st.lock().rare().deferred.push_back(Deferred {
                 fut: Some(fut.clone_ref(py)),
                 op,
                 payload,
@@ -130,7 +127,7 @@ impl Connection {
             let ob = self.shared.outbox.lock();
             ob.closed || ob.closing
         };
-        if closing || self.st.lock().sent_close.is_some() {
+        if closing || self.st.lock().sent_close().is_some() {
             return Err(self.closed_error_now(py));
         }
         if !self.core.get().fanout.admit(&self.shared, data.len()) {
@@ -142,13 +139,10 @@ impl Connection {
             return Ok(());
         }
         let compress = self.compress_decision(py, &payload, None)?;
-        let busy = {
-            let st = self.st.lock();
-            st.writer_active || st.large.is_some() || !st.deferred.is_empty()
-        };
+        let busy = self.st.lock().busy();
         if busy {
             // Behind the fragmented message going out, in call order.
-            self.st.lock().deferred.push_back(Deferred {
+            self.st.lock().rare().deferred.push_back(Deferred {
                 fut: None,
                 op,
                 payload,
@@ -192,7 +186,7 @@ impl Connection {
                 Some(f) => f,
                 None => self.create_future(py)?,
             };
-            self.st.lock().drains.push(fut.clone_ref(py));
+            self.st.lock().rare().drains.push(fut.clone_ref(py));
             return Ok(Some(fut));
         }
         // First fragment now, the rest as the connection takes them (on_drained). The
@@ -203,7 +197,7 @@ impl Connection {
             None => self.create_future(py)?,
         };
         self.queue_frame(py, op, &data[..chunk], false, true)?;
-        self.st.lock().large = Some(LargeSend {
+        self.st.lock().rare().large = Some(LargeSend {
             fut: fut.clone_ref(py),
             payload,
             offset: chunk,
@@ -221,7 +215,7 @@ impl Connection {
     ) -> PyResult<Py<PyAny>> {
         if self.queue_frame(py, op, data, fin, false)? {
             let fut = self.create_future(py)?;
-            self.st.lock().drains.push(fut.clone_ref(py));
+            self.st.lock().rare().drains.push(fut.clone_ref(py));
             self.pending(py, fut, WaitKind::Plain)
         } else {
             self.completed(py)
@@ -372,7 +366,7 @@ impl Connection {
             let ob = self.shared.outbox.lock();
             ob.closed || ob.closing
         };
-        let close_queued = self.st.lock().sent_close.is_some();
+        let close_queued = self.st.lock().sent_close().is_some();
         if closing || close_queued {
             return Err(self.closed_error_now(py));
         }
@@ -394,7 +388,7 @@ impl Connection {
     pub(super) fn continue_large(&self, py: Python<'_>) -> PyResult<()> {
         // Out of the state while its fragment is queued (no Python runs in between);
         // put back unless it is finished.
-        let taken = self.st.lock().large.take();
+        let taken = self.st.lock().rare.as_mut().and_then(|r| r.large.take());
         let Some(mut large) = taken else {
             return Ok(());
         };
@@ -410,7 +404,7 @@ impl Connection {
         );
         large.offset = end;
         if r.is_ok() && !fin {
-            self.st.lock().large = Some(large);
+            self.st.lock().rare().large = Some(large);
             return Ok(());
         }
         match r {
@@ -427,13 +421,18 @@ impl Connection {
         loop {
             let next = {
                 let mut st = self.st.lock();
-                if st.large.is_some() || st.writer_active {
+                if st.busy_sending() {
                     return Ok(());
                 }
-                match st.deferred.pop_front() {
-                    Some(d) => Ok(d),
-                    None => Err(st.writer_waiters.pop_front()),
-                }
+                let next = st
+                    .rare
+                    .as_mut()
+                    .map_or(Err(None), |r| match r.deferred.pop_front() {
+                        Some(d) => Ok(d),
+                        None => Err(r.writer_waiters.pop_front()),
+                    });
+                st.compact();
+                next
             };
             match next {
                 Ok(d) => {
@@ -473,7 +472,7 @@ impl Connection {
         let st = self.st.lock();
         if st.finished {
             Slot::Finished
-        } else if st.writer_active || st.large.is_some() || !st.deferred.is_empty() {
+        } else if st.busy() {
             Slot::Busy
         } else {
             Slot::Free
