@@ -25,7 +25,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::frame::OpCode;
 use crate::session::{CloseInfo, Io, LogLevel, Part, Sealed, Session, ABNORMAL_CLOSURE};
-use crate::shared::{ConnShared, Event, InMsg};
+use crate::shared::{ConnShared, Event, InMsg, OVERFLOW_REASON, TRY_AGAIN_LATER};
 
 /// A byte stream lightws can serve WebSocket on: plain TCP or TLS.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -437,8 +437,8 @@ impl<S: Transport> Driver<S> {
         };
         if overflow {
             self.session.close_now(
-                1013,
-                "too slow: over max_backpressure",
+                TRY_AGAIN_LATER,
+                OVERFLOW_REASON,
                 now,
                 &mut SharedIo(&self.shared),
             );

@@ -174,6 +174,11 @@ impl SharedItem {
     }
 }
 
+/// The close code and reason of a connection closed for going over `max_backpressure`
+/// (`on_backpressure="close"`): 1013 Try Again Later.
+pub const TRY_AGAIN_LATER: u16 = 1013;
+pub const OVERFLOW_REASON: &str = "too slow: over max_backpressure";
+
 /// The slow-consumer policy for frames fanned out to many connections (`publish`,
 /// `broadcast`): `Config.max_backpressure` and `Config.on_backpressure`.
 #[derive(Debug, Clone, Copy)]

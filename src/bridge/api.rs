@@ -55,7 +55,11 @@ pub(super) fn api(py: Python<'_>) -> PyResult<&PyApi> {
             closed_base: exc.getattr("ConnectionClosed")?.unbind(),
             handler_failed: server.getattr("_handler_failed")?.unbind(),
             listener_failed: server.getattr("_listener_failed")?.unbind(),
-            empty_context: py.import("contextvars")?.getattr("Context")?.call0()?.unbind(),
+            empty_context: py
+                .import("contextvars")?
+                .getattr("Context")?
+                .call0()?
+                .unbind(),
             getweakrefcount: py.import("weakref")?.getattr("getweakrefcount")?.unbind(),
             invalid_state: py.import("asyncio")?.getattr("InvalidStateError")?.unbind(),
         })

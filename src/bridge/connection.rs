@@ -28,7 +28,7 @@ use crate::frame::{self, OpCode};
 use crate::handshake;
 use crate::lockcheck::{assert_unlocked, ConnMutex};
 use crate::session::{CloseInfo, LogLevel, Part, ABNORMAL_CLOSURE};
-use crate::shared::{ConnShared, InMsg, Inbox, Reply};
+use crate::shared::{ConnShared, InMsg, Inbox, Reply, OVERFLOW_REASON, TRY_AGAIN_LATER};
 
 /// What a pending receive waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,10 +229,20 @@ impl Connection {
     pub(super) fn close_info(&self) -> CloseInfo {
         let received = self.shared.inbox.lock().closed.clone();
         let sent = || self.st.lock().sent_close().cloned();
-        received.or_else(sent).unwrap_or(CloseInfo {
-            code: ABNORMAL_CLOSURE,
-            reason: String::new(),
-        })
+        // Over max_backpressure with on_backpressure="close": closing with 1013.
+        let overflow = || {
+            self.shared.outbox.lock().overflow.then(|| CloseInfo {
+                code: TRY_AGAIN_LATER,
+                reason: OVERFLOW_REASON.into(),
+            })
+        };
+        received
+            .or_else(sent)
+            .or_else(overflow)
+            .unwrap_or(CloseInfo {
+                code: ABNORMAL_CLOSURE,
+                reason: String::new(),
+            })
     }
 
     pub(super) fn closed_error_now(&self, py: Python<'_>) -> PyErr {

@@ -125,7 +125,8 @@ impl Connection {
         }
         let closing = {
             let ob = self.shared.outbox.lock();
-            ob.closed || ob.closing
+            // Overflowed: the connection is closing with 1013.
+            ob.closed || ob.closing || ob.overflow
         };
         if closing || self.st.lock().sent_close().is_some() {
             return Err(self.closed_error_now(py));
