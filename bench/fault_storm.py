@@ -9,9 +9,13 @@ SO_LINGER 0) mid-handshake, mid-frame, mid-fragmented-send and mid-close; peers 
 reading; handlers told (``?mode=``) to cancel their ``recv()``/``send()``, to abandon a
 ``conn.writer()``/``conn.reader()``, to send from several tasks at once, to race
 ``close()`` against ``abort()``, or to raise; ping floods; both sides closing at once;
-plus clean echoes whose every byte is checked. Every frame the server sends is checked
-against RFC 6455 (unmasked, RSV clear, control frames short and whole, continuations
-only inside a fragmented message, nothing after the close frame).
+plus clean echoes whose every byte is checked. The same faults reach connections
+without a coroutine: listeners (echo and bulk sends through ``send_nowait``, listeners
+that raise, close or abort, or publish) and ``lightws.Accept(topics=...)`` connections
+receiving publishes, some of them stalled past ``max_backpressure`` (closed 1013).
+Every frame the server sends is checked against RFC 6455 (unmasked, RSV clear, control
+frames short and whole, continuations only inside a fragmented message, nothing after
+the close frame).
 
 A watchdog thread in this process GETs ``/probe`` every 200 ms: the answer comes from
 the handshake callable, on the server's event-loop thread, so it times the loop. Any
@@ -23,8 +27,9 @@ and fails.
 Afterwards: ``stats().connections`` and the running handlers must return to 0, a fresh
 ``websockets`` client must get its echo, RSS must be back within ``rss_slack_mib`` of
 where it started, the server must exit 0 on SIGTERM, and its log (JSON lines on stderr)
-must hold no ERROR and no traceback except the ones the ``raise`` mode causes on
-purpose (exactly one per raising handler).
+must hold no ERROR and no traceback except the ones the ``raise`` and ``l_raise`` modes
+cause on purpose (exactly one per raise). Every listener connection opened must have
+been closed exactly once (on_open, then on_close), with no on_message outside them.
 
 The RSS bound. Both readings (after a warm-up echo, and after the storm) are taken
 after ``malloc_trim(0)`` in the server: lightws raises glibc's trim threshold to 32 MiB,
@@ -77,7 +82,8 @@ from support.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, build_frame  # 
 
 #: The watchdog's bound: the event loop must answer every probe within this (seconds).
 STALL_BOUND = 1.0
-#: What the ``raise`` mode makes lightws log, on purpose (exact message and exception).
+#: What the ``raise`` mode makes lightws log, on purpose (exact message and exception);
+#: the ``l_raise`` mode's records carry the same exception.
 DELIBERATE_MSG = "handler raised; closing with 1011"
 DELIBERATE_EXC = "StormDeliberateError"
 #: Exceptions that may appear in a log record without failing the storm.
@@ -592,6 +598,8 @@ def sending_mode(rng: random.Random) -> str:
             path("raise", rng),
             path("close_abort", rng),
             path("pubsub", rng, n=rng.randrange(10, 60)),
+            path("l_send", rng, n=rng.randrange(1, 12), size=rng.choice([BIG, 100_000, 20_000])),
+            path("l_pubsub", rng, flood=rng.randrange(0, 40), size=rng.choice([1000, 64 << 10])),
         ]
     )
 
@@ -605,6 +613,9 @@ def any_mode(rng: random.Random) -> str:
             path("reader_abort", rng),
             path("cancel_recv", rng),
             path("close_race", rng),
+            path("l_echo", rng),
+            path("l_pubsub", rng),
+            path("accept", rng, room=f"room{rng.randrange(4)}"),
         ]
     )
 
@@ -670,7 +681,15 @@ class Client:
         """RST with half a frame sent."""
         rng = self.rng
         peer = await self.open(
-            rng.choice([path("echo", rng), path("reader", rng), path("cancel_recv", rng)])
+            rng.choice(
+                [
+                    path("echo", rng),
+                    path("reader", rng),
+                    path("cancel_recv", rng),
+                    path("l_echo", rng),
+                    path("accept", rng),
+                ]
+            )
         )
         if not peer:
             return
@@ -731,7 +750,13 @@ class Client:
             # and the client resets instead of answering it.
             peer = await self.open(
                 rng.choice(
-                    [path("send_timeout", rng, n=0), path("close_abort", rng), path("raise", rng)]
+                    [
+                        path("send_timeout", rng, n=0),
+                        path("close_abort", rng),
+                        path("raise", rng),
+                        path("l_raise", rng, where="open"),
+                        path("l_close", rng, when="open"),
+                    ]
                 )
             )
             if not peer:
@@ -879,9 +904,10 @@ class Client:
         peer.finish()
 
     async def clean_echo(self) -> None:
-        """A well-behaved client; every echo must come back exactly."""
+        """A well-behaved client; every echo must come back exactly (from a coroutine
+        handler or from a listener)."""
         rng = self.rng
-        peer = await self.open(path("echo", rng))
+        peer = await self.open(path(rng.choice(["echo", "l_echo"]), rng))
         if not peer:
             return
         self.fault("clean_echo")
@@ -945,6 +971,136 @@ class Client:
         outcome = await peer.close_handshake(1000)
         if outcome != "close":
             self.storm.fail(f"clean stream: close handshake ended with {outcome}")
+
+    async def listener_raises(self) -> None:
+        """A listener raising on purpose: in on_open or on the k-th message (closed
+        with 1011, no echo of anything after it), or in on_close (only logged)."""
+        rng = self.rng
+        where = rng.choice(["open", "message", "close"])
+        k = rng.randrange(4)
+        peer = await self.open(path("l_raise", rng, where=where, k=k))
+        if not peer:
+            return
+        self.fault(f"listener_raises/{where}")
+        if where == "close":
+            await peer.send(TEXT, b"echo me")
+            ev = await peer.read_until(lambda e: e.kind in ("message", "close"), WAIT + 10)
+            if ev is None or ev.kind != "message" or ev.payload != b"echo me":
+                self.storm.fail(f"l_raise where=close: echo came back as {ev}")
+            await self.end(peer)
+            return
+        if where == "message":
+            # k echoed, the (k+1)-th raises, the rest never reaches the listener.
+            await peer.write(b"".join(build_frame(TEXT, b"m%d" % i) for i in range(k + 3)))
+        echoed = []
+        ev = await peer.read_until(lambda e: e.kind == "close" or e.kind == "message", WAIT + 10)
+        while ev is not None and ev.kind == "message":
+            echoed.append(ev.payload)
+            ev = await peer.read_until(lambda e: e.kind in ("close", "message"), WAIT + 10)
+        want = [b"m%d" % i for i in range(k)] if where == "message" else []
+        if ev is None or ev.code != 1011 or echoed != want:
+            self.storm.fail(
+                f"l_raise where={where} k={k}: echoed {echoed}, then "
+                f"{'EOF' if ev is None else f'close {ev.code}'} (want {want}, then 1011)"
+            )
+        if rng.random() < 0.5:
+            with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
+                await peer.send_close(1011)
+        peer.finish()
+
+    async def listener_close(self) -> None:
+        """A listener closes (``conn.close(code)``, its awaitable ignored) or aborts,
+        after a burst of send_nowait: every burst message, then the close frame with
+        that code (close) or the end of TCP without one (abort)."""
+        rng = self.rng
+        how = rng.choice(["close", "abort"])
+        when = rng.choice(["open", "message"])
+        burst = rng.randrange(0, 6)
+        code = rng.choice([1000, 1001, 4000, 4999])
+        peer = await self.open(path("l_close", rng, how=how, when=when, burst=burst, code=code))
+        if not peer:
+            return
+        self.fault(f"listener_close/{how}")
+        if when == "message":
+            with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
+                await peer.send(BINARY, b"go")
+        got = 0
+        ev = await peer.read_until(lambda e: e.kind in ("close", "message"), WAIT + 10)
+        while ev is not None and ev.kind == "message":
+            got += 1
+            ev = await peer.read_until(lambda e: e.kind in ("close", "message"), WAIT + 10)
+        if how == "close":
+            if ev is None or ev.code != code or got != burst:
+                self.storm.fail(
+                    f"l_close close {code} after {burst} messages: got {got} messages, "
+                    f"then {'EOF' if ev is None else f'close {ev.code}'}"
+                )
+            with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
+                await peer.send_close(code)
+        elif ev is not None:
+            self.storm.fail(f"l_close abort: a close frame ({ev.code}) instead of none")
+        peer.finish()
+
+    async def accept_listen(self) -> None:
+        """An ``Accept(topics=[roomN])`` connection in a room the pubsub modes publish
+        to: what it sends is discarded (nothing echoed), its ping is answered, the
+        publishes it receives are well formed; then it leaves."""
+        rng = self.rng
+        peer = await self.open(path("accept", rng, room=f"room{rng.randrange(4)}"))
+        if not peer:
+            return
+        self.fault("accept_listen")
+        junk = [build_frame(rng.choice([TEXT, BINARY]), b"j" * rng.randrange(0, 70_000))]
+        junk += [build_frame(TEXT, b"frag", fin=False), build_frame(CONT, b"ment")]
+        await peer.write(b"".join(junk) + build_frame(PING, b"accept?"))
+        ev = await peer.read_until(lambda e: e.kind in ("pong", "close"), WAIT + 10)
+        if ev is not None and ev.kind == "close" and ev.code == 1013:
+            # A flood to its room (l_pubsub) went over max_backpressure while it was
+            # writing instead of reading: closed like any slow subscriber.
+            self.fault("accept_listen/closed-1013")
+            peer.finish()
+            return
+        if ev is None or ev.kind != "pong" or ev.payload != b"accept?":
+            self.storm.fail(f"Accept connection: {ev} instead of the pong")
+        await peer.read_for(rng.uniform(0, 1.0))
+        await self.end(peer)
+
+    async def accept_stall(self) -> None:
+        """An ``Accept`` connection that stops reading while a listener floods its
+        topic (``l_pubsub`` publishing from on_open): past max_backpressure it is
+        closed with 1013; or it vanishes while stalled."""
+        rng = self.rng
+        room = f"stall{rng.randrange(1 << 30)}"
+        peer = await self.open(path("accept", rng, room=room), rcvbuf=8192)
+        if not peer:
+            return
+        peer.pause()
+        flood = await Peer.connect(self.storm.port)
+        try:
+            # 4 MiB in 64 KiB messages to the room: far over max_backpressure (512 KiB).
+            status = await flood.upgrade(path("l_pubsub", rng, room=room, flood=64, size=65536))
+            self.storm.modes["l_pubsub"] += 1
+            if status != 101:
+                self.storm.fail(f"the flooding l_pubsub upgrade answered {status}")
+                return
+            variant = rng.choice(["resume", "resume", "rst", "fin"])
+            self.fault(f"accept_stall/{variant}")
+            await asyncio.sleep(rng.uniform(0.1, 1.0))
+            if variant == "rst":
+                peer.rst()
+            elif variant == "fin":
+                peer.finish()
+            else:
+                peer.resume()
+                ev = await peer.read_until(lambda e: e.kind == "close", WAIT + 20)
+                if ev is not None and ev.code != 1013:
+                    self.storm.fail(f"a stalled Accept connection closed with {ev.code}")
+                self.fault("accept_stall/closed-1013" if ev is not None else "accept_stall/eof")
+                with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
+                    await peer.send_close(1013)
+                peer.finish()
+        finally:
+            flood.rst()
 
     async def issue9(self) -> None:
         """Issue 9 exactly: 1 MiB messages with a 2 s wait_for; never read, then close."""
@@ -1053,7 +1209,15 @@ KINDS: dict[str, float] = {
     "clean_echo": 1.5,
     "clean_stream": 1.0,
     "issue9": 0.5,
+    "listener_raises": 1.0,
+    "listener_close": 1.0,
+    "accept_listen": 1.0,
+    "accept_stall": 0.7,
 }
+
+#: The kinds built for listeners and Accept (other kinds reach them too, through the
+#: ``l_*`` and ``accept`` modes among the ones they pick).
+LISTENER_KINDS = ["listener_raises", "listener_close", "accept_listen", "accept_stall"]
 
 #: Kinds added when the storm runs with compression (StormOptions.compression).
 DEFLATE_KINDS: dict[str, float] = {"deflate": 3.0}
@@ -1342,9 +1506,12 @@ def check_log(text: str, report: StormReport) -> None:
         level, exc = rec.get("level"), rec.get("exc_type")
         msg = rec.get("msg", "")
         if level in ("ERROR", "CRITICAL"):
+            # The coroutine mode's record says exactly DELIBERATE_MSG; a listener's
+            # (in on_open, on_message or on_close) says which method raised.
+            listener = "listener" in msg or "on_close" in msg
             if (
                 rec.get("logger") == "lightws"
-                and msg.endswith(DELIBERATE_MSG)
+                and (msg.endswith(DELIBERATE_MSG) or listener)
                 and exc == DELIBERATE_EXC
             ):
                 report.deliberate_errors += 1
@@ -1432,10 +1599,11 @@ def run_storm(opts: StormOptions) -> StormReport:
             server.kill()
         check_log(server.stderr_text(), report)
         outcomes = report.server_stats.get("outcomes", {})
-        raised = outcomes.get("raise:raised", 0)
+        raised = sum(n for k, n in outcomes.items() if k.endswith(":raised"))
         if report.server_stats and report.deliberate_errors != raised:
             report.failures.append(
-                f"{raised} handlers raised on purpose but {report.deliberate_errors} were logged"
+                f"{raised} handlers and listeners raised on purpose but "
+                f"{report.deliberate_errors} were logged"
             )
         unexpected = {k: v for k, v in outcomes.items() if k.endswith(":unexpected")}
         if unexpected:

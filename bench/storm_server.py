@@ -14,8 +14,10 @@ requests are answered by the handshake callable, which runs on the event-loop th
   largest event-loop lag seen from inside (``?trim=1`` first calls ``malloc_trim(0)``
   so the parent's RSS reading shows live memory, not what the allocator keeps).
 
-Upgrades pick a handler with ``?mode=`` (see MODES; ``--app issue`` instead accepts
-every upgrade with the handler of issue 9's reproducer, unchanged).
+Upgrades pick a handler with ``?mode=`` (see MODES), or a listener or
+``lightws.Accept`` (see LISTENER_MODES: ``l_echo``, ``l_send``, ``l_raise``, ``l_close``,
+``l_pubsub``, ``accept``); ``--app issue`` instead accepts every upgrade with the
+handler of issue 9's reproducer, unchanged.
 
 Every log record goes to stderr as one JSON line (root logger, so asyncio's "Task
 exception was never retrieved" and lightws's own records alike); unraisable exceptions
@@ -418,6 +420,192 @@ MODES: dict[str, Mode] = {
 }
 
 
+# -- listener modes (no coroutine per connection) ----------------------------------------
+
+log = logging.getLogger("storm")
+#: The mode of every listener connection between its on_open and its on_close.
+listener_open: dict[int, str] = {}
+
+
+class StormListener:
+    """Bookkeeping around a listener mode's ``opened``/``message``/``closed``: every
+    on_open is followed by exactly one on_close, no on_message comes before on_open or
+    after on_close (logged as ERROR otherwise: the storm fails on it), and a send on a
+    connection closed meanwhile (``ConnectionClosed``, e.g. after a 1013) is counted.
+    ``running`` counts the connections between on_open and on_close, like the coroutine
+    modes' running handlers."""
+
+    mode = ""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+        self.rng = random.Random(params.get("seed", "0"))
+
+    def on_open(self, conn: lightws.Connection) -> None:
+        if conn.id in listener_open:
+            log.error("%s: on_open twice for #%d", self.mode, conn.id)
+        started[self.mode] += 1
+        running[self.mode] += 1
+        listener_open[conn.id] = self.mode
+        self.call(self.opened, conn)
+
+    def on_message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
+        if listener_open.get(conn.id) != self.mode:
+            log.error("%s: on_message outside on_open..on_close for #%d", self.mode, conn.id)
+        self.call(self.message, conn, msg)
+
+    def on_close(self, conn: lightws.Connection, code: int, reason: str) -> None:
+        if listener_open.pop(conn.id, None) != self.mode:
+            log.error("%s: on_close without on_open for #%d (code %d)", self.mode, conn.id, code)
+            return
+        running[self.mode] -= 1
+        outcomes[f"{self.mode}:closed-{code}"] += 1
+        self.closed(conn, code)
+
+    def call(self, method: Callable[..., None], *args: Any) -> None:
+        try:
+            method(*args)
+        except CLOSED:
+            outcomes[f"{self.mode}:send-closed"] += 1
+        except StormDeliberateError:
+            outcomes[f"{self.mode}:raised"] += 1
+            raise
+
+    def opened(self, conn: lightws.Connection) -> None:
+        pass
+
+    def message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
+        pass
+
+    def closed(self, conn: lightws.Connection, code: int) -> None:
+        pass
+
+
+class EchoListener(StormListener):
+    """``l_echo``: every message back through ``send_nowait``. One instance serves
+    every ``l_echo`` connection."""
+
+    mode = "l_echo"
+
+    def message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
+        conn.send_nowait(msg)
+
+
+class SendListener(EchoListener):
+    """``l_send``: ``n`` messages of ``size`` bytes from on_open through send_nowait (a
+    reader that stalls goes over max_backpressure: closed 1013, and the sends after
+    that raise ConnectionClosed), then echo."""
+
+    mode = "l_send"
+
+    def opened(self, conn: lightws.Connection) -> None:
+        size = int(num(self.params, "size", 100_000))
+        for _ in range(int(num(self.params, "n", 8))):
+            conn.send_nowait(payload(size))
+
+
+class RaiseListener(StormListener):
+    """``l_raise``: raises on purpose ``where=open``, on the ``k``-th message
+    (``where=message``; the ones before are echoed) or ``where=close`` (logged as ERROR:
+    whitelisted and counted like the ``raise`` mode's)."""
+
+    mode = "l_raise"
+
+    def __init__(self, params: Params) -> None:
+        super().__init__(params)
+        self.where = params.get("where", "message")
+        self.left = int(num(params, "k", 0))
+
+    def opened(self, conn: lightws.Connection) -> None:
+        if self.where == "open":
+            raise StormDeliberateError("the listener fails in on_open on purpose")
+
+    def message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
+        if self.where == "message":
+            if self.left == 0:
+                raise StormDeliberateError("the listener fails in on_message on purpose")
+            self.left -= 1
+        conn.send_nowait(msg)
+
+    def closed(self, conn: lightws.Connection, code: int) -> None:
+        if self.where == "close":
+            outcomes[f"{self.mode}:raised"] += 1
+            raise StormDeliberateError("the listener fails in on_close on purpose")
+
+
+class CloseListener(StormListener):
+    """``l_close``: on the first message (or in on_open with ``when=open``) queues
+    ``burst`` messages of 64 KiB (under max_backpressure), then ``conn.close(code,
+    "bye")`` with its awaitable ignored, or ``conn.abort()`` (``how``)."""
+
+    mode = "l_close"
+
+    def opened(self, conn: lightws.Connection) -> None:
+        if self.params.get("when") == "open":
+            self.finish(conn)
+
+    def message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
+        self.finish(conn)
+
+    def finish(self, conn: lightws.Connection) -> None:
+        if conn.closed:
+            return
+        for _ in range(int(num(self.params, "burst", 0))):
+            conn.send_nowait(payload(64 << 10))
+        if self.params.get("how") == "abort":
+            conn.abort()
+        else:
+            _ = conn.close(int(num(self.params, "code", 4000)), "bye")
+
+
+class PubsubListener(StormListener):
+    """``l_pubsub``: joins ``room`` (default one of room0..room3, shared with the
+    ``pubsub`` and ``accept`` modes), publishes ``flood`` messages of ``size`` bytes to
+    it from on_open (itself included), then relays what the client sends to the room
+    (exclude itself) and answers with a short ack; every 7th message it leaves and
+    rejoins; broadcasts to the ``pubsub`` connections now and then."""
+
+    mode = "l_pubsub"
+
+    def opened(self, conn: lightws.Connection) -> None:
+        server = conn.server
+        assert server is not None
+        room = self.params.get("room") or f"room{self.rng.randrange(4)}"
+        conn.subscribe(room)
+        conn.storm_room = room  # own attributes: the same object for every event
+        size = int(num(self.params, "size", 64 << 10))
+        for _ in range(int(num(self.params, "flood", 0))):
+            server.publish(room, payload(size))
+        self.count = 0
+
+    def message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
+        server = conn.server
+        assert server is not None
+        room = conn.storm_room
+        server.publish(room, msg, exclude=conn)
+        self.count += 1
+        if self.count % 7 == 0:
+            conn.unsubscribe(room)
+            conn.subscribe(room)
+        if self.count % 5 == 0:
+            lightws.broadcast(list(pubsub_conns)[:20], payload(200))
+        conn.send_nowait(b"ack")
+
+
+_ECHO_LISTENER = EchoListener({})
+
+#: Listener modes: a listener (or an Accept) for the connection, from its query.
+LISTENER_MODES: dict[str, Callable[[Params], Any]] = {
+    "l_echo": lambda p: _ECHO_LISTENER,  # one instance for every connection
+    "l_send": SendListener,
+    "l_raise": RaiseListener,
+    "l_close": CloseListener,
+    "l_pubsub": PubsubListener,
+    # Subscribed, no listener: handled in Rust (publishes out, anything in discarded).
+    "accept": lambda p: lightws.Accept(topics=[p.get("room", "room0")]),
+}
+
+
 def make_handler(mode: str, run: Mode, params: Params) -> lightws.Handler:
     async def handler(conn: lightws.Connection) -> None:
         started[mode] += 1
@@ -452,6 +640,10 @@ def storm_handshake(request: lightws.Request, response: lightws.Response) -> Any
             response.body = json.dumps(snapshot(request.query.get("trim") == "1")).encode()
         return None
     mode = request.query.get("mode", "echo")
+    if mode in LISTENER_MODES:
+        if mode == "accept":
+            started[mode] += 1  # nothing of it runs in Python after this
+        return LISTENER_MODES[mode](dict(request.query))
     run = MODES.get(mode)
     if run is None:
         response.status = 400
