@@ -72,6 +72,48 @@ def test_fault_storm(loop: str, compression: bool, tmp_path: Path) -> None:
     assert len(kinds) >= len(fault_storm.KINDS) // 2, report.render()
     if compression:
         assert "deflate" in kinds, report.render()
+    # Both styles ran: coroutine handlers, and listeners and Accept connections.
+    assert report.modes["echo"] > 0, report.render()
+    assert sum(n for m, n in report.modes.items() if m.startswith("l_")) > 0, report.render()
+    assert report.modes["accept"] > 0, report.render()
+
+
+@pytest.mark.timeout(150)
+def test_fault_storm_on_listeners_and_accept(tmp_path: Path) -> None:
+    """The storm's listener and Accept kinds (plus the resets, stalls and clean echoes
+    that pick listener modes among others): listeners raising in each method (1011,
+    logged once per raise), closing and aborting after a burst of send_nowait, Accept
+    connections discarding input and stalled past max_backpressure by a listener's
+    flood (1013); every on_open gets exactly one on_close."""
+    opts = fault_storm.StormOptions(
+        seed=SEED + 2,
+        duration=6.0,
+        loop=LOOPS[-1],
+        concurrency=16,
+        max_clients=1500,
+        freeze_after=5.0,
+        workdir=tmp_path,
+        kinds=[
+            *fault_storm.LISTENER_KINDS,
+            "clean_echo",
+            "reset_frame",
+            "reset_mid_send",
+            "reset_mid_close",
+            "stop_reading",
+        ],
+    )
+    report = fault_storm.run_storm(opts)
+    print(report.render())
+    assert report.ok, "\n" + report.render()
+    assert report.leaked_connections == 0
+    assert report.handlers_running == 0
+    for kind in fault_storm.LISTENER_KINDS:
+        assert any(k.startswith(kind) for k in report.faults), (kind, report.render())
+    outcomes = report.server_stats["outcomes"]
+    assert outcomes.get("l_raise:raised", 0) > 0, report.render()
+    assert report.deliberate_errors == sum(n for k, n in outcomes.items() if k.endswith(":raised"))
+    # A stalled Accept connection was closed with 1013 by a listener's publishes.
+    assert report.faults["accept_stall/closed-1013"] > 0, report.render()
 
 
 @pytest.mark.timeout(120)
