@@ -22,9 +22,10 @@ async def start_echo(*extra: str) -> Demo:
     return await start_demo("echo", *extra, ready="listening on")
 
 
-@pytest.fixture
-async def echo_process() -> AsyncIterator[Demo]:
-    echo = await start_echo()
+@pytest.fixture(params=["handler", "listener"])
+async def echo_process(request: pytest.FixtureRequest) -> AsyncIterator[Demo]:
+    """The echo with its coroutine handler, and with ``--listener``."""
+    echo = await start_echo(*(["--listener"] if request.param == "listener" else []))
     yield echo
     await echo.stop()
 
@@ -47,6 +48,15 @@ async def test_echo_reverses_with_reverse_query(echo_process: Demo) -> None:
         assert await asyncio.wait_for(ws.recv(), 5) == "desserts"
 
 
+async def test_echo_closes_with_1000_on_the_exit_message(echo_process: Demo) -> None:
+    async with connect(f"ws://127.0.0.1:{echo_process.port}/?reverse=1") as ws:
+        await ws.send("before")
+        assert await asyncio.wait_for(ws.recv(), 5) == "erofeb"
+        await ws.send(b"exit")
+        await asyncio.wait_for(ws.wait_closed(), 10)
+        assert ws.close_code == 1000
+
+
 async def test_sigterm_closes_clients_with_1001_and_exits_0(echo_process: Demo) -> None:
     async with connect(f"ws://127.0.0.1:{echo_process.port}/") as ws:
         await ws.send("before")
@@ -66,6 +76,25 @@ def test_help_lists_the_echo_command() -> None:
     result = run_lightws("--help")
     assert result.returncode == 0
     assert "echo" in result.stdout
+    assert "echo      --listener" in result.stdout
+
+
+def test_echo_help_documents_listener() -> None:
+    result = run_lightws("echo", "--help")
+    assert result.returncode == 0
+    assert "--listener" in result.stdout
+    assert "listener" in result.stdout.split("--listener", 1)[1]
+
+
+def test_echo_listener_picks_the_listener_handshake() -> None:
+    from lightws import LogLevel
+    from lightws.__main__ import _demo, _parser
+    from lightws.demos import echo_handshake, echo_listener_handshake
+
+    parser = _parser()
+    assert _demo(parser.parse_args(["echo"]), LogLevel.ERROR)[0] is echo_handshake
+    listener = _demo(parser.parse_args(["echo", "--listener"]), LogLevel.ERROR)[0]
+    assert listener is echo_listener_handshake
 
 
 def assert_one_clean_error_line(result: subprocess.CompletedProcess[str], *words: str) -> None:

@@ -1,6 +1,7 @@
 """Command line: the seed's demos, each with a browser page on the same port.
 
     python -m lightws echo      --addr 127.0.0.1:9001   # ?reverse=1 reverses
+    python -m lightws echo      --listener              # the same echo through a listener
     python -m lightws countdown --addr 127.0.0.1:9001   # send N: "N...", ..., "boom!"
     python -m lightws push      --addr 127.0.0.1:9001 --put-addr 127.0.0.1:9002
     python -m lightws chat      --addr 127.0.0.1:9001   # rooms: ?room=lobby&name=alice
@@ -38,7 +39,13 @@ from typing import Any
 
 from . import Config, Deflate, HandshakeFunc, LogLevel, Server, _bench, _workers
 from ._run import ShutdownOnSignals
-from .demos import PushRegistry, chat_handshake, countdown_handshake, echo_handshake
+from .demos import (
+    PushRegistry,
+    chat_handshake,
+    countdown_handshake,
+    echo_handshake,
+    echo_listener_handshake,
+)
 from .demos.chat import MAX_MESSAGE
 
 __all__ = ["main"]
@@ -268,11 +275,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     common = _common_options()
-    sub.add_parser(
+    echo = sub.add_parser(
         "echo",
         parents=[common],
         help="echo every message (?reverse=1 reverses it; 'exit' closes)",
         description="Echo every message; ?reverse=1 reverses it; 'exit' closes.",
+    )
+    echo.add_argument(
+        "--listener",
+        action="store_true",
+        help="echo through a listener (plain on_message method, conn.send_nowait; no "
+        "asyncio task per connection) instead of a coroutine handler",
     )
     countdown = sub.add_parser(
         "countdown",
@@ -348,6 +361,8 @@ def _demo(args: argparse.Namespace, level: LogLevel) -> tuple[HandshakeFunc, Sid
         return registry.handshake, side
     if args.command == "chat":
         return chat_handshake, None
+    if args.listener:
+        return echo_listener_handshake, None
     return echo_handshake, None
 
 
