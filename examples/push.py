@@ -3,10 +3,13 @@ http://127.0.0.1:9001/?id=alice in a browser, then push to that tab:
 
     curl 'http://127.0.0.1:9002/put/?id=alice&msg=hello'
 
-Registering is subscribing: a client connecting with ``?id=alice`` is subscribed to the
-topic ``id:alice``, and a push is one ``server.publish("id:alice", msg)``. No registry
-of connections in Python (lightws unsubscribes a connection when it closes), and every
-client registered with an id gets what is pushed to it: open two tabs as alice.
+Registering is subscribing: a client connecting with ``?id=alice`` is accepted with
+``lightws.Accept(topics=["id:alice"])``, and a push is one ``server.publish("id:alice",
+msg)``. The clients only listen, so there is no handler: an ``Accept`` connection is
+handled in Rust (what the client sends is discarded; pings and close are answered) and
+holds no Python object while it waits. No registry of connections in Python (lightws
+unsubscribes a connection when it closes), and every client registered with an id gets
+what is pushed to it: open two tabs as alice.
 
 The push endpoint is a second :class:`lightws.Server` on a loopback-only port with
 ``http_fallback=True``: its handshake answers plain HTTP requests and never accepts an
@@ -25,7 +28,7 @@ from lightws.demos import answer_http
 PUT_URL = "http://127.0.0.1:9002/put/"
 
 
-def handshake(request: lightws.Request, response: lightws.Response) -> lightws.Handler | None:
+def handshake(request: lightws.Request, response: lightws.Response) -> lightws.Accept | None:
     if not request.upgrade:
         answer_http("push", request, response, {"__PUT_URL__": PUT_URL})
         return None
@@ -34,13 +37,7 @@ def handshake(request: lightws.Request, response: lightws.Response) -> lightws.H
         response.status = 400
         response.body = b"no_id"
         return None
-
-    async def handler(conn: lightws.Connection) -> None:
-        conn.subscribe(f"id:{client_id}")
-        async for _ in conn:
-            pass  # clients only listen
-
-    return handler
+    return lightws.Accept(topics=[f"id:{client_id}"])  # clients only listen
 
 
 def put_endpoint(server: lightws.Server) -> lightws.HandshakeFunc:

@@ -2,11 +2,14 @@
 request ``GET /put/?id=NAME&msg=TEXT`` on a second, localhost-only server sends
 ``TEXT`` to every client registered with that id.
 
-Registering is subscribing: each client's handler calls ``conn.subscribe("id:NAME")``
-and the push is one ``server.publish("id:NAME", TEXT)`` (docs/pubsub.md). There is no
-registry of connections in Python; a closed connection is unsubscribed by lightws.
-Several clients may share an id (two tabs, a phone and a laptop): each of them gets
-every message pushed to it.
+Registering is subscribing: the handshake accepts a client with
+``lightws.Accept(topics=["id:NAME"])`` and the push is one ``server.publish("id:NAME",
+TEXT)`` (docs/pubsub.md). The clients only listen, so they need no handler: an
+``Accept`` connection has no task, no coroutine and no Python object at all while it
+waits for a push; what it sends is discarded, and pings and the close handshake are
+answered in Rust. There is no registry of connections in Python; a closed connection
+is unsubscribed by lightws. Several clients may share an id (two tabs, a phone and a
+laptop): each of them gets every message pushed to it.
 
 The HTTP side answers ``200 ok`` when the message went to at least one client (the
 ``X-Delivered`` header says to how many), ``400 no_id`` without an id, ``404
@@ -20,8 +23,7 @@ from the browser.
 
 from __future__ import annotations
 
-from .._lightws import Connection
-from ..config import Handler
+from .. import Accept
 from ..http import Request, Response
 from ..server import Server
 from ._page import answer_http
@@ -47,9 +49,9 @@ class PushRegistry:
         self.put_url = put_url
         self.server = server
 
-    def handshake(self, request: Request, response: Response) -> Handler | None:
-        """The WebSocket side: accept ``?id=NAME``, reject without an id (400
-        ``no_id``); ``GET /`` is the push page."""
+    def handshake(self, request: Request, response: Response) -> Accept | None:
+        """The WebSocket side: accept ``?id=NAME`` subscribed to its topic, reject
+        without an id (400 ``no_id``); ``GET /`` is the push page."""
         if not request.upgrade:
             answer_http("push", request, response, {"__PUT_URL__": self.put_url})
             return None
@@ -58,13 +60,8 @@ class PushRegistry:
             response.status = 400
             response.body = b"no_id"
             return None
-
-        async def handler(conn: Connection) -> None:
-            conn.subscribe(push_topic(client_id))
-            async for _ in conn:
-                pass  # clients only listen; whatever they send is dropped
-
-        return handler
+        # Clients only listen: whatever they send is dropped.
+        return Accept(topics=[push_topic(client_id)])
 
     def push(self, client_id: str, message: str) -> int:
         """Send ``message`` to every client registered as ``client_id``; return how
@@ -73,7 +70,7 @@ class PushRegistry:
             return 0
         return self.server.publish(push_topic(client_id), message)
 
-    def put_handshake(self, request: Request, response: Response) -> Handler | None:
+    def put_handshake(self, request: Request, response: Response) -> None:
         """The HTTP side (run it with ``http_fallback=True``): ``GET /put/?id=&msg=``."""
         response.headers["Content-Type"] = "text/plain; charset=utf-8"
         response.headers["Access-Control-Allow-Origin"] = "*"
