@@ -64,6 +64,17 @@ def returning(result: Any) -> Callable[[lightws.Request, lightws.Response], Any]
     return handshake
 
 
+def routes(by_path: dict[str, Any]) -> Callable[[lightws.Request, lightws.Response], Any]:
+    """A handshake (async, as handshakes may be) that accepts each path with what
+    ``by_path`` gives for it (a handler, a listener, an Accept); others are rejected."""
+
+    async def handshake(request: lightws.Request, response: lightws.Response) -> Any:
+        await asyncio.sleep(0)
+        return by_path.get(request.path)
+
+    return handshake
+
+
 class Recorder:
     """A listener that records every call, per connection id, in call order.
 
@@ -115,6 +126,17 @@ async def closed_client(ws: ClientConnection) -> tuple[int | None, str | None]:
     """Wait for the websockets client to finish closing; (code, reason)."""
     await asyncio.wait_for(ws.wait_closed(), WAIT)
     return ws.close_code, ws.close_reason
+
+
+def send_outcome(conn: lightws.Connection, value: object) -> str:
+    """``"sent"``, or the name of the exception ``conn.send_nowait(value)`` raised."""
+    try:
+        conn.send_nowait(value)  # type: ignore[arg-type]
+    except lightws.ConnectionClosed:
+        return "ConnectionClosed"  # ConnectionClosedOK or ConnectionClosedError
+    except (TypeError, ValueError) as e:
+        return type(e).__name__
+    return "sent"
 
 
 def lightws_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -189,13 +211,7 @@ async def test_no_asyncio_task_runs_for_a_listener_or_accept_connection() -> Non
         async for msg in conn:
             await conn.send(msg)
 
-    def handshake(request: lightws.Request, response: lightws.Response) -> Any:
-        if request.path == "/coroutine":
-            return handler
-        if request.path == "/accept":
-            return lightws.Accept(topics=["t"])
-        return rec
-
+    handshake = routes({"/": rec, "/accept": lightws.Accept(topics=["t"]), "/coroutine": handler})
     async with serve(handshake) as server:
         before = len(asyncio.all_tasks())
         # Raw clients: asyncio streams start no task of their own.
@@ -327,13 +343,7 @@ async def test_send_nowait_rejects_what_it_cannot_send_and_the_connection_stays_
 
     class Picky:
         def on_message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
-            for value in bad:
-                try:
-                    conn.send_nowait(value)  # type: ignore[arg-type]
-                except (TypeError, ValueError) as e:
-                    outcomes.append(type(e).__name__)
-                else:
-                    outcomes.append("sent")
+            outcomes.extend(send_outcome(conn, value) for value in bad)
             conn.send_nowait(Message(Opcode.PING, b"z" * 125))  # the largest allowed
             conn.send_nowait("still open")
 
@@ -357,12 +367,7 @@ async def test_send_nowait_on_a_closed_connection_raises_connection_closed() -> 
             kept.append(conn)
 
         def on_close(self, conn: lightws.Connection, code: int, reason: str) -> None:
-            try:
-                conn.send_nowait("too late")
-            except lightws.ConnectionClosed:
-                in_on_close.append("ConnectionClosed")
-            else:
-                in_on_close.append("sent")
+            in_on_close.append(send_outcome(conn, "too late"))
 
     async with serve(returning(Keeper())) as server:
         async with connect(url(server)) as ws:
@@ -383,13 +388,8 @@ async def test_send_nowait_after_close_in_the_same_call_raises_connection_closed
 
     class CloseThenSend:
         def on_message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
-            conn.close(4000, "closing")
-            try:
-                conn.send_nowait("after close")
-            except lightws.ConnectionClosed:
-                outcomes.append("ConnectionClosed")
-            else:
-                outcomes.append("sent")
+            _ = conn.close(4000, "closing")
+            outcomes.append(send_outcome(conn, "after close"))
 
     async with serve(returning(CloseThenSend())) as server:
         async with await RawWebSocket.connect(server.port) as ws:
@@ -649,7 +649,7 @@ async def test_close_from_on_message_sends_the_code_and_reason() -> None:
     class Closer:
         def on_message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
             rec.on_message(conn, msg)
-            conn.close(4000, "x")  # its awaitable is ignored
+            _ = conn.close(4000, "x")  # its awaitable is ignored
 
         def on_close(self, conn: lightws.Connection, code: int, reason: str) -> None:
             rec.on_close(conn, code, reason)
@@ -978,13 +978,13 @@ async def test_server_close_closes_listener_and_accept_connections_with_1001() -
     rec = Recorder()
     accept_rec = Recorder()
 
-    def handshake(request: lightws.Request, response: lightws.Response) -> Any:
-        if request.path == "/listener":
-            return rec
-        if request.path == "/accept-listener":
-            return lightws.Accept(topics=["t"], listener=accept_rec)
-        return lightws.Accept(topics=["t"])
-
+    handshake = routes(
+        {
+            "/listener": rec,
+            "/accept-listener": lightws.Accept(topics=["t"], listener=accept_rec),
+            "/accept": lightws.Accept(topics=["t"]),
+        }
+    )
     server = lightws.Server(lightws.Config(addr="127.0.0.1:0", handshake=handshake))
     await server.start()
     clients = [
@@ -1003,6 +1003,23 @@ async def test_server_close_closes_listener_and_accept_connections_with_1001() -
 
 
 # -- the Connection objects a listener is given ----------------------------------------
+
+
+async def release_idle_objects(server: lightws.Server) -> None:
+    """Run the server's sweep of idle listener connections' objects (once a second on
+    its own) until it releases one: the next event then needs a new object, unless
+    something kept the old one."""
+    core = server._core
+    assert core is not None
+    await eventually(lambda: core.sweep() > 0, what="an object released by the sweep")
+
+
+async def sweep_releases_nothing(server: lightws.Server) -> None:
+    """Two sweeps (the first only marks objects idle): nothing may be released."""
+    core = server._core
+    assert core is not None
+    await asyncio.sleep(0)
+    assert core.sweep() + core.sweep() == 0
 
 
 async def test_a_connection_kept_in_on_open_is_the_object_given_to_later_calls() -> None:
@@ -1026,48 +1043,63 @@ async def test_a_connection_kept_in_on_open_is_the_object_given_to_later_calls()
             for _ in range(3):
                 await ws.send("m")
                 assert await recv(ws) == "ok"
+                await sweep_releases_nothing(server)  # the set holds it
         await eventually(lambda: len(same) == 4, what="on_close")
     assert same == [True] * 4
     assert kept == set()  # discard found it: equal and same hash
 
 
-async def test_a_connection_not_kept_compares_and_hashes_by_connection() -> None:
-    """Nothing keeps the object from on_open: a later call may get a new object, but
-    it has the same id, compares equal and hashes the same."""
+async def test_a_connection_not_kept_is_made_again_with_the_same_id_and_hash() -> None:
+    """Nothing keeps the object from on_open: once released, the next call gets a new
+    object for the same connection, with the same id and hash, and no request."""
     seen: list[tuple[int, int]] = []  # (conn.id, hash(conn)) per call, no reference kept
-    listed: list[lightws.Connection] = []
-    matches: list[tuple[bool, bool, bool]] = []
+    requests: list[str] = []
 
     class Forgetful:
         def on_open(self, conn: lightws.Connection) -> None:
             seen.append((conn.id, hash(conn)))
+            requests.append(conn.request.path)
 
         def on_message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
             seen.append((conn.id, hash(conn)))
-            if listed:
-                mine = [c for c in listed if c.id == conn.id]
-                matches.append((conn == mine[0], hash(conn) == hash(mine[0]), conn in set(listed)))
+            try:
+                requests.append(conn.request.path)
+            except RuntimeError:
+                requests.append("RuntimeError")  # a re-made object has no request
             conn.send_nowait("ok")
 
     async with serve(returning(Forgetful())) as server:
+        async with connect(url(server, "/forgotten")) as ws:
+            await ws.send("m")
+            assert await recv(ws) == "ok"
+            await release_idle_objects(server)
+            await ws.send("m")
+            assert await recv(ws) == "ok"
+    assert requests == ["/forgotten", "/forgotten", "RuntimeError"]
+    assert len(set(seen)) == 1, seen
+
+
+async def test_connections_compare_and_hash_by_connection() -> None:
+    matches: list[tuple[bool, bool, bool]] = []
+    listed: list[lightws.Connection] = []
+
+    class Compare:
+        def on_message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
+            [mine] = [c for c in listed if c.id == conn.id]
+            matches.append((conn == mine, hash(conn) == hash(mine), conn in set(listed)))
+            conn.send_nowait("ok")
+
+    async with serve(returning(Compare())) as server:
         async with connect(url(server)) as a, connect(url(server)) as b:
-            for _ in range(3):
-                await a.send("m")
-                assert await recv(a) == "ok"
             await eventually(lambda: len(server.connections) == 2, what="both listed")
             listed.extend(server.connections)
             assert listed[0] != listed[1]
             assert listed[0] == listed[0]
             assert listed[0] != "not a connection"
             assert len(set(listed)) == 2
-            await a.send("m")
-            assert await recv(a) == "ok"
-            await b.send("m")
-            assert await recv(b) == "ok"
-    ids = {conn_id for conn_id, _ in seen}
-    assert len(ids) == 2
-    for conn_id in ids:
-        assert len({h for i, h in seen if i == conn_id}) == 1, seen
+            for ws in (a, b):
+                await ws.send("m")
+                assert await recv(ws) == "ok"
     assert matches == [(True, True, True), (True, True, True)]
 
 
@@ -1097,14 +1129,12 @@ async def test_a_weakref_or_an_attribute_keeps_the_same_object() -> None:
             conn.send_nowait("ok")
 
     async with serve(returning(Remember())) as server:
-        async with connect(url(server, "/weak")) as weak:
-            for _ in range(2):
-                await weak.send("m")
-                assert await recv(weak) == "ok"
-        async with connect(url(server, "/attr?user=ann")) as attr:
-            for _ in range(2):
-                await attr.send("m")
-                assert await recv(attr) == "ok"
+        for target in ("/weak", "/attr?user=ann"):
+            async with connect(url(server, target)) as ws:
+                for _ in range(2):
+                    await ws.send("m")
+                    assert await recv(ws) == "ok"
+                    await sweep_releases_nothing(server)
     assert results == [
         ("weak", True, "/weak"),
         ("weak", True, "/weak"),
@@ -1128,24 +1158,26 @@ async def test_conn_request_in_on_open() -> None:
             assert await recv(ws) == "/hello bob blue"
 
 
-async def test_conn_request_later_is_the_request_or_runtime_error() -> None:
-    """Nothing keeps the object from on_open: later calls read the request if the
-    object lived on, or get RuntimeError (a re-created object) -- never anything else."""
-    outcomes: list[str] = []
+async def test_listener_and_accept_connections_leave_nothing_behind() -> None:
+    """After their clients leave, no native entry (or kept object) remains."""
+    rec = Recorder(echo=True)
 
-    class Late:
-        def on_message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
-            try:
-                outcomes.append(conn.request.path)
-            except RuntimeError:
-                outcomes.append("RuntimeError")
-            conn.send_nowait("ok")
-
-    async with serve(returning(Late())) as server, connect(url(server, "/later")) as ws:
-        for _ in range(3):
-            await ws.send("m")
-            assert await recv(ws) == "ok"
-    assert outcomes and set(outcomes) <= {"/later", "RuntimeError"}, outcomes
+    async with serve(routes({"/": rec, "/accept": lightws.Accept(topics=["t"])})) as server:
+        core = server._core
+        assert core is not None
+        clients = [await connect(url(server, p)) for p in ("/", "/", "/accept", "/accept")]
+        await eventually(lambda: core.native_count() == 4, what="4 native connections")
+        for ws in clients[:2]:
+            await ws.send("x")
+            assert await recv(ws) == "x"
+        clients[0].transport.abort()  # type: ignore[attr-defined]
+        for ws in clients[1:]:
+            await ws.close()
+        await eventually(lambda: core.native_count() == 0, what="none left")
+        await eventually(lambda: server.stats().connections == 0, what="all closed")
+        assert server.connections == []
+        assert server.subscribers("t") == 0
+    assert sorted(c[1] for c in rec.closes()) == [1000, 1006]
 
 
 # -- beside coroutine handlers ---------------------------------------------------------
@@ -1166,18 +1198,14 @@ async def test_coroutine_handlers_listeners_and_accept_on_one_server() -> None:
         async for msg in conn:
             await conn.send(f"coro: {msg.text}")
 
-    async def handshake(request: lightws.Request, response: lightws.Response) -> Any:
-        await asyncio.sleep(0)  # an async handshake may return any of them
-        if request.path == "/coro":
-            return coroutine_handler
-        if request.path == "/listener":
-            return sub
-        if request.path == "/plain":
-            return rec
-        if request.path == "/accept":
-            return lightws.Accept(topics=["all"])
-        return None
-
+    handshake = routes(
+        {
+            "/coro": coroutine_handler,
+            "/listener": sub,
+            "/plain": rec,
+            "/accept": lightws.Accept(topics=["all"]),
+        }
+    )
     async with serve(handshake) as server:
         async with (
             connect(url(server, "/coro")) as coro,
