@@ -382,7 +382,8 @@ async def test_handshake_returning_a_plain_function_gets_500_and_says_what_to_re
     message = record.getMessage()
     assert PREFIX.match(message), message
     assert (
-        "the handshake must return an async function (async def handler(conn)) or None; "
+        "the handshake must return an async function (async def handler(conn)), a listener "
+        "(an object with on_open/on_message/on_close methods), lightws.Accept(...) or None; "
         "got <function " in message
     )
     assert "handler" in message
