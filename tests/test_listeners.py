@@ -44,6 +44,7 @@ from support.rawws import (
     read_response,
 )
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 Opcode = lightws.Opcode
 Message = lightws.Message
@@ -544,6 +545,98 @@ async def test_an_async_listener_method_is_a_mistake_logged_with_a_hint_and_clos
     assert any(word in text for word in ("async", "await", "coroutine")), text
     never_awaited = [w for w in caught if "never awaited" in str(w.message)]
     assert never_awaited == [], "the coroutine was not closed"
+
+
+async def test_connection_closed_out_of_a_listener_method_is_no_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A send_nowait on a connection that is closing raises ConnectionClosed; letting it
+    escape is no failure (as from a handler): nothing logged, and the close goes on
+    with its own code, not 1011."""
+    caplog.set_level(logging.ERROR, logger="lightws")
+    rec = Recorder()
+
+    class Careless:
+        def on_message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
+            rec.on_message(conn, msg)
+            _ = conn.close(4001, "done")
+            conn.send_nowait("after close")  # raises ConnectionClosed, not caught
+
+        def on_close(self, conn: lightws.Connection, code: int, reason: str) -> None:
+            rec.on_close(conn, code, reason)
+
+    async with serve(returning(Careless())) as server:
+        async with connect(url(server)) as ws:
+            await ws.send("close")
+            assert (await closed_client(ws))[0] == 4001
+        await eventually(lambda: rec.closes() != [], what="on_close")
+    assert [c[1] for c in rec.closes()] == [4001]
+    assert lightws_errors(caplog) == []
+
+
+async def test_many_messages_at_once_all_reach_on_message_in_order() -> None:
+    """More messages than a listener is handed in one go (the rest come after the other
+    events), sent in one write: every one arrives, once, in order."""
+    rec = Recorder()
+    n = 500
+    burst = b"".join(build_frame(TEXT, str(i).encode()) for i in range(n))
+    async with serve(returning(rec)) as server:
+        async with await RawWebSocket.connect(server.port, first_bytes=burst) as ws:
+            await ws.send_frame(PING, b"done?")
+            # Answered in order after the burst was read: every message is queued by now.
+            assert (await ws.recv_frame()).opcode == PONG
+            await eventually(lambda: len(rec.order) == n + 1, what="every message")
+            await ws.send_close(1000)
+            assert (await ws.read_close())[0] == 1000
+        await eventually(lambda: rec.closes() != [], what="on_close")
+    bodies = [e[2] for e in rec.only() if e[0] == "message"]
+    assert bodies == [str(i).encode() for i in range(n)]
+
+
+async def test_recv_and_reader_on_a_listener_connection_raise_runtime_error() -> None:
+    """Its messages go to on_message (or nowhere, for Accept): reading them with the
+    coroutine API is a mistake, said at once."""
+    errors: list[str] = []
+    kept: list[lightws.Connection] = []
+
+    class Reader:
+        def on_open(self, conn: lightws.Connection) -> None:
+            kept.append(conn)
+
+    handshake = routes({"/": Reader(), "/accept": lightws.Accept(topics=["t"])})
+    async with serve(handshake) as server:
+        async with connect(url(server)), connect(url(server, "/accept")):
+            await eventually(lambda: len(server.connections) == 2, what="both open")
+            for conn in server.connections:
+                for attempt in (conn.recv, conn.reader):
+                    try:
+                        awaitable: Any = attempt()
+                        await asyncio.wait_for(awaitable, WAIT)
+                    except RuntimeError as e:
+                        errors.append(str(e))
+    assert len(errors) == 4, errors
+
+
+async def test_a_listener_class_instead_of_an_instance_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="lightws")
+
+    class Echo(lightws.Listener):
+        def on_message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
+            conn.send_nowait(msg)
+
+    with pytest.raises(TypeError):
+        lightws.Accept(listener=Echo)
+    with pytest.raises(TypeError):
+        lightws.Accept(listener=object())
+    async with serve(returning(Echo)) as server:
+        with pytest.raises(InvalidStatus) as refused:
+            await asyncio.wait_for(connect(url(server)), WAIT)
+        assert refused.value.response.status_code == 500
+        await eventually(lambda: lightws_errors(caplog) != [], what="logged")
+    [record] = lightws_errors(caplog)
+    assert "Echo()" in record.getMessage()
 
 
 # -- which methods a listener has ------------------------------------------------------
