@@ -8,6 +8,7 @@ use pyo3::sync::PyOnceLock;
 
 use super::api::api;
 use super::connection::{Connection, Received, Want};
+use super::waiter::Waiter;
 use crate::lockcheck::assert_unlocked;
 
 /// How many operations on one connection may complete without suspending before one of
@@ -75,6 +76,10 @@ impl Op {
     /// Yield `fut` to the running task (the protocol of `asyncio.Future.__await__`).
     pub(super) fn yield_future(py: Python<'_>, fut: &Py<PyAny>) -> PyResult<Option<Py<PyAny>>> {
         assert_unlocked("yielding a future");
+        if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+            w.borrow_mut().blocking = true;
+            return Ok(Some(fut.clone_ref(py)));
+        }
         fut.setattr(py, intern!(py, "_asyncio_future_blocking"), true)?;
         Ok(Some(fut.clone_ref(py)))
     }
@@ -114,6 +119,19 @@ impl Op {
                     }
                 }
                 OpState::Wait { fut, kind } => {
+                    if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+                        // A receive's native future: read in Rust, no call.
+                        let r = w.borrow().outcome(py);
+                        match r {
+                            Some(Ok(v)) => return Err(PyStopIteration::new_err((v,))),
+                            Some(Err(e)) => return Err(e),
+                            None => {
+                                let y = Self::yield_future(py, &fut);
+                                self.state = OpState::Wait { fut, kind };
+                                return y;
+                            }
+                        }
+                    }
                     // The task resumes us once the future is complete: result() gives
                     // its value or raises its exception (ConnectionClosed,
                     // CancelledError). One call, not done() then result(): this is on
@@ -146,6 +164,16 @@ impl Op {
             return;
         };
         let r: PyResult<()> = (|| {
+            if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+                if Waiter::cancel_now(w, None)? {
+                    return Ok(());
+                }
+                let value = w.borrow().value(py);
+                if let (Some(v), WaitKind::Receive(conn, want)) = (value, kind) {
+                    conn.get().put_back(v, want);
+                }
+                return Ok(());
+            }
             if !is_done(py, &fut)? {
                 fut.call_method0(py, intern!(py, "cancel"))?;
                 return Ok(());
