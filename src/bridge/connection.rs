@@ -27,7 +27,7 @@ use super::waiter::{Outcome, Waiter};
 use crate::fanout::Fanout;
 use crate::frame::{self, OpCode};
 use crate::handshake;
-use crate::lockcheck::{assert_unlocked, ConnMutex};
+use crate::lockcheck::ConnMutex;
 use crate::session::{CloseInfo, LogLevel, Part, ABNORMAL_CLOSURE};
 use crate::shared::{ConnShared, InMsg, Inbox, Reply, OVERFLOW_REASON, TRY_AGAIN_LATER};
 
@@ -182,12 +182,10 @@ pub(super) enum Slot {
 }
 
 impl Connection {
+    /// The future a pending operation waits on: a native `Waiter` (waiter.rs), which
+    /// `drain` completes without an asyncio Future or a `call_soon`.
     pub(super) fn create_future(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        assert_unlocked("loop.create_future()");
-        self.core
-            .get()
-            .event_loop
-            .call_method0(py, intern!(py, "create_future"))
+        Ok(Waiter::create(py, &self.core.get().event_loop)?.into_any())
     }
 
     /// Count an operation that completes without suspending; true when it should yield
@@ -273,7 +271,7 @@ impl Connection {
         let Some(m) = inbox.queue.pop_front() else {
             return Popped::Empty;
         };
-        inbox.bytes -= m.data.len();
+        inbox.bytes -= m.payload().len();
         self.shared.resume_if_paused(inbox);
         Popped::Msg(m)
     }

@@ -8,7 +8,7 @@ use pyo3::sync::PyOnceLock;
 
 use super::api::api;
 use super::connection::{Connection, Received, Want};
-use super::waiter::Waiter;
+use super::waiter::{Outcome, Waiter};
 use crate::lockcheck::assert_unlocked;
 
 /// How many operations on one connection may complete without suspending before one of
@@ -266,12 +266,18 @@ pub(super) fn op_wait(py: Python<'_>, fut: Py<PyAny>, kind: WaitKind) -> PyResul
 // -- asyncio futures: every call goes through these, with no connection lock held -----
 
 pub(super) fn is_done(py: Python<'_>, fut: &Py<PyAny>) -> PyResult<bool> {
+    if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+        return Ok(w.borrow().is_done());
+    }
     assert_unlocked("future.done()");
     fut.call_method0(py, intern!(py, "done"))?.is_truthy(py)
 }
 
 /// Complete `fut` with `value` unless it is already done (cancelled by its waiter).
 pub(super) fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: Py<PyAny>) -> PyResult<()> {
+    if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+        return Waiter::complete(w, Outcome::Value(value)).map(drop);
+    }
     if !is_done(py, fut)? {
         fut.call_method1(py, intern!(py, "set_result"), (value,))?;
     }
@@ -280,6 +286,9 @@ pub(super) fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: Py<PyAny>) -> PyRe
 
 /// Fail `fut` with `err` unless it is already done.
 pub(super) fn reject(py: Python<'_>, fut: &Py<PyAny>, err: PyErr) -> PyResult<()> {
+    if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+        return Waiter::complete(w, Outcome::Error(err)).map(drop);
+    }
     if !is_done(py, fut)? {
         fut.call_method1(py, intern!(py, "set_exception"), (err.into_value(py),))?;
     }

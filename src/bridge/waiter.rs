@@ -175,11 +175,15 @@ impl Waiter {
         for cb in callbacks {
             let r = if direct && cb.task {
                 // The task's wakeup, in the task's context, now: what the loop would do
-                // one iteration later.
-                match &cb.context {
+                // one iteration later. While that task runs, whatever it completes is
+                // scheduled (a task must not be entered from inside another).
+                let was = DIRECT.with(|c| c.replace(false));
+                let r = match &cb.context {
                     Some(ctx) => ctx.call_method1(py, intern!(py, "run"), (cb.func, slf)),
                     None => cb.func.call1(py, (slf,)),
-                }
+                };
+                DIRECT.with(|c| c.set(was));
+                r
             } else {
                 schedule(py, &event_loop, cb.func, cb.context, slf)
             };
