@@ -5,6 +5,7 @@ use pyo3::exceptions::PyStopIteration;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+use pyo3::types::PyTuple;
 
 use super::api::api;
 use super::connection::{Connection, Received, Want};
@@ -84,15 +85,16 @@ impl Op {
         Ok(Some(fut.clone_ref(py)))
     }
 
-    /// The coroutine's step: `Ok(Some(x))` yields x, `Err(StopIteration(v))` returns v.
+    /// The coroutine's step: `Ok(Some(x))` yields x, `Ok(None)` returns None (for
+    /// `__next__`: exhausted without an exception), `Err(StopIteration(v))` returns v.
     pub(super) fn step(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         loop {
             match std::mem::replace(&mut self.state, OpState::Finished) {
                 OpState::Nothing => {
                     self.state = OpState::Nothing;
-                    return Err(PyStopIteration::new_err((py.None(),)));
+                    return Ok(None);
                 }
-                OpState::Finished => return Err(PyStopIteration::new_err((py.None(),))),
+                OpState::Finished => return Ok(None),
                 OpState::YieldOnce => return Ok(Some(py.None())),
                 OpState::Receive {
                     conn,
@@ -108,7 +110,7 @@ impl Op {
                         return Ok(Some(py.None()));
                     }
                     match conn.get().receive_now(py, want)? {
-                        Received::Value(v) => return Err(PyStopIteration::new_err((v,))),
+                        Received::Value(v) => return Err(stop(py, v)),
                         Received::Error(e) => return Err(e),
                         Received::Wait(fut) => {
                             self.state = OpState::Wait {
@@ -123,7 +125,7 @@ impl Op {
                         // A receive's native future: read in Rust, no call.
                         let r = w.borrow().outcome(py);
                         match r {
-                            Some(Ok(v)) => return Err(PyStopIteration::new_err((v,))),
+                            Some(Ok(v)) => return Err(stop(py, v)),
                             Some(Err(e)) => return Err(e),
                             None => {
                                 let y = Self::yield_future(py, &fut);
@@ -138,7 +140,7 @@ impl Op {
                     // every message's path.
                     assert_unlocked("future.result()");
                     match fut.call_method0(py, intern!(py, "result")) {
-                        Ok(v) => return Err(PyStopIteration::new_err((v,))),
+                        Ok(v) => return Err(stop(py, v)),
                         Err(e) if e.is_instance(py, api(py)?.invalid_state.bind(py)) => {
                             // Resumed early (not by a task): wait on.
                             let y = Self::yield_future(py, &fut);
@@ -228,8 +230,12 @@ impl Op {
     fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         self.step(py)
     }
-    fn send(&mut self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
-        self.step(py)
+    fn send(&mut self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        // A method, not the iterator slot: returning means raising StopIteration.
+        match self.step(py)? {
+            Some(y) => Ok(y),
+            None => Err(PyStopIteration::new_err(py.None())),
+        }
     }
     #[pyo3(signature = (typ, val=None, _tb=None))]
     fn throw(
@@ -248,6 +254,20 @@ impl Op {
     }
     fn close(&mut self, py: Python<'_>) {
         self.abandon(py);
+    }
+}
+
+/// `StopIteration` returning `v` from a coroutine step.
+///
+/// NOTE: the value goes in as the exception's value itself rather than as `(v,)`:
+/// CPython 3.11 then reads it back without creating the StopIteration instance
+/// (`_PyGen_FetchStopIterationValue`), once per received message. A tuple must be
+/// wrapped (it would be taken for the exception's arguments).
+fn stop(py: Python<'_>, v: Py<PyAny>) -> PyErr {
+    if v.bind(py).is_instance_of::<PyTuple>() {
+        PyStopIteration::new_err((v,))
+    } else {
+        PyStopIteration::new_err(v)
     }
 }
 
