@@ -66,24 +66,21 @@ impl Io for SharedIo<'_> {
     }
 
     fn deliver(&mut self, opcode: OpCode, data: Vec<u8>, part: Part) {
-        let shared = self.0;
-        let len = data.len();
-        let mut inbox = shared.inbox.lock();
-        inbox.assembling = false;
-        if inbox.discard {
-            drop(inbox);
-            drop(data);
-            return;
-        }
-        inbox.queue.push_back(InMsg { opcode, data, part });
-        inbox.bytes += len;
-        if inbox.bytes >= shared.cfg.inbox_limit {
-            inbox.paused = true;
-        }
-        if inbox.waiting {
-            inbox.waiting = false;
-            shared.hub.push(Event::Readable(shared.id));
-        }
+        self.push(InMsg {
+            opcode,
+            data,
+            start: 0,
+            part,
+        });
+    }
+
+    fn deliver_at(&mut self, opcode: OpCode, data: Vec<u8>, start: usize) {
+        self.push(InMsg {
+            opcode,
+            data,
+            start,
+            part: Part::Whole,
+        });
     }
 
     fn closed(&mut self, info: CloseInfo) {
@@ -139,6 +136,29 @@ impl Io for SharedIo<'_> {
 
     fn log(&mut self, level: LogLevel, msg: String) {
         self.0.log(level, || msg);
+    }
+}
+
+impl SharedIo<'_> {
+    fn push(&mut self, m: InMsg) {
+        let shared = self.0;
+        let len = m.payload().len();
+        let mut inbox = shared.inbox.lock();
+        inbox.assembling = false;
+        if inbox.discard {
+            drop(inbox);
+            drop(m);
+            return;
+        }
+        inbox.queue.push_back(m);
+        inbox.bytes += len;
+        if inbox.bytes >= shared.cfg.inbox_limit {
+            inbox.paused = true;
+        }
+        if inbox.waiting {
+            inbox.waiting = false;
+            shared.hub.push(Event::Readable(shared.id));
+        }
     }
 }
 
@@ -266,9 +286,23 @@ impl<S: Transport> Driver<S> {
             let shared = &self.shared;
             if self.session.wants_read() && !self.session.read_paused(|| shared.inbox.lock().paused)
             {
-                match self.poll_read(cx) {
+                // Once the read buffer is used up, the rest of a large frame is read
+                // straight into its message (Session::payload_room): one copy fewer.
+                let direct = self.rbuf.is_empty() && !self.session.payload_room().is_empty();
+                let r = if direct {
+                    self.poll_read_payload(cx)
+                } else {
+                    self.poll_read(cx)
+                };
+                match r {
                     Poll::Ready(Ok(0)) => {
                         self.session.receive_eof();
+                        progress = true;
+                    }
+                    Poll::Ready(Ok(n)) if direct => {
+                        let now = std::time::Instant::now();
+                        self.session
+                            .receive_payload(n, now, &mut SharedIo(&self.shared));
                         progress = true;
                     }
                     Poll::Ready(Ok(_)) => {
@@ -340,6 +374,19 @@ impl<S: Transport> Driver<S> {
         if reading != self.io_reading {
             self.shared.stats.reading(if reading { 1 } else { -1 });
             self.io_reading = reading;
+        }
+    }
+
+    /// Read into the message being assembled (`Session::payload_room`, not empty).
+    fn poll_read_payload(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut rb = ReadBuf::uninit(self.session.payload_room());
+        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                self.shared.stats.add_bytes_in(n as u64);
+                Poll::Ready(Ok(n))
+            }
+            other => other.map(|r| r.map(|()| 0)),
         }
     }
 

@@ -59,9 +59,18 @@ impl ConnConfig {
 /// A complete message (or, for a streamed message, one chunk of it) waiting for Python.
 pub struct InMsg {
     pub opcode: OpCode,
+    /// The payload is `data[start..]`: a large message read whole is handed over in its
+    /// read buffer, frame header in front (`Io::deliver_at`), not copied.
     pub data: Vec<u8>,
+    pub start: usize,
     /// Whole message, or a chunk of a message streamed to `conn.reader()`.
     pub part: Part,
+}
+
+impl InMsg {
+    pub fn payload(&self) -> &[u8] {
+        &self.data[self.start..]
+    }
 }
 
 #[derive(Default)]

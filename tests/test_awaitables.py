@@ -4,6 +4,7 @@ cancel or abandon, and fair to other tasks when they complete without waiting.""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import sys
 from typing import Any
@@ -105,7 +106,7 @@ async def test_cancelling_a_recv_that_was_already_handed_its_message_gives_it_ba
         for how in ("throw", "close", "drop"):
             op: Any = conn.recv()
             fut = op.send(None)  # not queued yet: it yields its future
-            assert isinstance(fut, asyncio.Future)
+            assert asyncio.isfuture(fut)
             await conn.send(f"go {how}")
             await asyncio.wait_for(asyncio.shield(fut), 5)
             assert fut.result().text == f"msg {how}"  # handed over ...
@@ -264,3 +265,57 @@ async def test_a_send_waiting_behind_a_writer_is_sent_unless_cancelled() -> None
         got = [await asyncio.wait_for(ws.recv(), 5) for _ in range(4)]
         assert got == [b"frag", "dropped unawaited", "awaited", "end"]
         assert await asyncio.wait_for(outcome, 5) == "ok"
+
+
+async def test_a_task_resumed_by_a_message_keeps_its_context_and_is_the_current_task() -> None:
+    """A waiting recv() is resumed without an asyncio.Future (the task's wakeup runs in
+    the hub's drain): the task still runs in its own context, as the current task, and
+    a recv() waited on by several consumers at once (shield, gather) completes them
+    all."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    async def body(conn: lightws.Connection) -> Any:
+        var.set("handler")
+        me = asyncio.current_task()
+        await conn.send("ready")
+        first = await conn.recv()
+        seen = [(first.text, var.get(), asyncio.current_task() is me)]
+        op: Any = conn.recv()
+        fut = op.send(None)
+        assert not fut.done() and fut.get_loop() is asyncio.get_running_loop()
+        shielded = asyncio.shield(fut)
+        both = asyncio.gather(fut, shielded)
+        await conn.send("more")
+        a, b = await asyncio.wait_for(both, 5)
+        seen.append((a.text, b.text, fut.result().text))
+        with pytest.raises(StopIteration):
+            op.send(None)
+        return seen
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server, connect(url(server)) as ws:
+        assert await asyncio.wait_for(ws.recv(), 5) == "ready"
+        await ws.send("one")
+        assert await asyncio.wait_for(ws.recv(), 5) == "more"
+        await ws.send("two")
+        assert await asyncio.wait_for(outcome, 5) == [
+            ("one", "handler", True),
+            ("two", "two", "two"),
+        ]
+
+
+async def test_cancelling_a_task_waiting_in_recv_cancels_it_with_its_message() -> None:
+    async def body(conn: lightws.Connection) -> Any:
+        task = asyncio.create_task(conn.recv())
+        await asyncio.sleep(0)
+        task.cancel("stop")
+        with pytest.raises(asyncio.CancelledError) as info:
+            await task
+        await conn.send("ready")
+        return (info.value.args, (await asyncio.wait_for(conn.recv(), 5)).text)
+
+    handshake, outcome = reporting_handshake(body)
+    async with serve(handshake) as server, connect(url(server)) as ws:
+        assert await asyncio.wait_for(ws.recv(), 5) == "ready"
+        await ws.send("after")
+        assert await asyncio.wait_for(outcome, 5) == (("stop",), "after")

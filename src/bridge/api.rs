@@ -26,6 +26,8 @@ pub(super) struct PyApi {
     pub(super) getweakrefcount: Py<PyAny>,
     /// `asyncio.InvalidStateError`: what `Future.result()` raises while pending.
     pub(super) invalid_state: Py<PyAny>,
+    /// `asyncio.CancelledError`, raised by a cancelled `Waiter`.
+    pub(super) cancelled: Py<PyAny>,
 }
 
 pub(super) static API: PyOnceLock<PyApi> = PyOnceLock::new();
@@ -62,6 +64,7 @@ pub(super) fn api(py: Python<'_>) -> PyResult<&PyApi> {
                 .unbind(),
             getweakrefcount: py.import("weakref")?.getattr("getweakrefcount")?.unbind(),
             invalid_state: py.import("asyncio")?.getattr("InvalidStateError")?.unbind(),
+            cancelled: py.import("asyncio")?.getattr("CancelledError")?.unbind(),
         })
     })
 }

@@ -23,10 +23,11 @@ use super::message::{
 };
 use super::op::{done, is_done, op_wait, reject, resolve, Op, OpState, WaitKind, FAIR_BUDGET};
 use super::send::{Deferred, LargeSend, Payload};
+use super::waiter::{Outcome, Waiter};
 use crate::fanout::Fanout;
 use crate::frame::{self, OpCode};
 use crate::handshake;
-use crate::lockcheck::{assert_unlocked, ConnMutex};
+use crate::lockcheck::ConnMutex;
 use crate::session::{CloseInfo, LogLevel, Part, ABNORMAL_CLOSURE};
 use crate::shared::{ConnShared, InMsg, Inbox, Reply, OVERFLOW_REASON, TRY_AGAIN_LATER};
 
@@ -47,8 +48,8 @@ pub(super) enum Want {
 /// or out, never across a call into Python (lockcheck.rs).
 #[derive(Default)]
 pub(super) struct PyState {
-    /// The pending receive future and what it waits for.
-    pub(super) recv: Option<(Py<PyAny>, Want)>,
+    /// The pending receive's future and what it waits for.
+    pub(super) recv: Option<(Py<Waiter>, Want)>,
     pub(super) writer_active: bool,
     /// Set when the task ended (socket closed).
     pub(super) finished: bool,
@@ -181,12 +182,10 @@ pub(super) enum Slot {
 }
 
 impl Connection {
+    /// The future a pending operation waits on: a native `Waiter` (waiter.rs), which
+    /// `drain` completes without an asyncio Future or a `call_soon`.
     pub(super) fn create_future(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        assert_unlocked("loop.create_future()");
-        self.core
-            .get()
-            .event_loop
-            .call_method0(py, intern!(py, "create_future"))
+        Ok(Waiter::create(py, &self.core.get().event_loop)?.into_any())
     }
 
     /// Count an operation that completes without suspending; true when it should yield
@@ -272,7 +271,7 @@ impl Connection {
         let Some(m) = inbox.queue.pop_front() else {
             return Popped::Empty;
         };
-        inbox.bytes -= m.data.len();
+        inbox.bytes -= m.payload().len();
         self.shared.resume_if_paused(inbox);
         Popped::Msg(m)
     }
@@ -342,7 +341,7 @@ impl Connection {
     pub(super) fn receive_now(&self, py: Python<'_>, want: Want) -> PyResult<Received> {
         let prev = self.st.lock().recv.take();
         if let Some((f, w)) = prev {
-            if !is_done(py, &f)? {
+            if !f.borrow(py).is_done() {
                 let old = self.st.lock().recv.replace((f, w));
                 drop(old);
                 return Err(PyRuntimeError::new_err(
@@ -359,11 +358,11 @@ impl Connection {
         if let Some(r) = self.deliver(py, popped, want)? {
             return Ok(r);
         }
-        let fut = self.create_future(py)?;
+        let fut = Waiter::create(py, &self.core.get().event_loop)?;
         let old = self.st.lock().recv.replace((fut.clone_ref(py), want));
         drop(old);
         self.untick();
-        Ok(Received::Wait(fut))
+        Ok(Received::Wait(fut.into_any()))
     }
 
     pub(super) fn receive(slf: &Bound<'_, Self>, want: Want) -> PyResult<Py<PyAny>> {
@@ -384,20 +383,22 @@ impl Connection {
         let Some((fut, want)) = taken else {
             return Ok(());
         };
-        if is_done(py, &fut)? {
+        if fut.borrow(py).is_done() {
             // Cancelled: the message stays queued for the next recv().
             return Ok(());
         }
         let popped = self.pop(&mut self.shared.inbox.lock(), want);
-        match self.deliver(py, popped, want)? {
-            Some(Received::Value(v)) => resolve(py, &fut, v),
-            Some(Received::Error(e)) => reject(py, &fut, e),
+        let outcome = match self.deliver(py, popped, want)? {
+            Some(Received::Value(v)) => Outcome::Value(v),
+            Some(Received::Error(e)) => Outcome::Error(e),
             Some(Received::Wait(_)) | None => {
                 let old = self.st.lock().recv.replace((fut, want));
                 drop(old);
-                Ok(())
+                return Ok(());
             }
-        }
+        };
+        Waiter::complete(fut.bind(py), outcome)?;
+        Ok(())
     }
 
     pub(super) fn on_drained(&self, py: Python<'_>) -> PyResult<()> {

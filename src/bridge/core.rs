@@ -21,6 +21,7 @@ use super::connection::{raw_headers, Connection, PyState};
 use super::errors::tls_err;
 use super::listener::Natives;
 use super::message::data_frame;
+use super::waiter::{is_fatal, DrainGuard};
 use crate::fanout::Fanout;
 use crate::frame::{OpCode, Role};
 use crate::lockcheck::ConnMutex;
@@ -176,6 +177,40 @@ impl Core {
 /// Events handled per drain call before yielding back to the event loop.
 pub(super) const DRAIN_BATCH: usize = 1024;
 
+impl Core {
+    /// Handle queued events. `from_reader`: called as the event loop's reader callback,
+    /// where no task runs, so tasks waiting for a message are resumed right here
+    /// (waiter.rs) instead of one loop iteration later.
+    fn drain_events(slf: &Bound<'_, Self>, from_reader: bool) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let _direct = DrainGuard::enter(from_reader);
+        this.hub.begin_drain();
+        let mut batch = Vec::new();
+        let more = this.hub.take(DRAIN_BATCH, &mut batch);
+        let mut fatal = None;
+        for ev in batch {
+            if let Err(e) = this.handle(slf, ev) {
+                // One connection's failure must not lose the rest of the batch; a
+                // KeyboardInterrupt or SystemExit out of a resumed task goes on to the
+                // event loop once the batch is done, as it would from the task's step.
+                if is_fatal(py, &e) {
+                    fatal.get_or_insert(e);
+                } else {
+                    e.write_unraisable(py, None);
+                }
+            }
+        }
+        if more {
+            this.hub.rearm();
+        }
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 #[pymethods]
 impl Core {
     #[new]
@@ -292,21 +327,8 @@ impl Core {
     }
 
     /// Handle queued events (called by the event loop when the fd is readable).
-    fn drain(slf: &Bound<'_, Self>) {
-        let py = slf.py();
-        let this = slf.get();
-        this.hub.begin_drain();
-        let mut batch = Vec::new();
-        let more = this.hub.take(DRAIN_BATCH, &mut batch);
-        for ev in batch {
-            if let Err(e) = this.handle(slf, ev) {
-                // One connection's failure must not lose the rest of the batch.
-                e.write_unraisable(py, None);
-            }
-        }
-        if more {
-            this.hub.rearm();
-        }
+    fn drain(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::drain_events(slf, true)
     }
 
     /// `(host, port)` the listener is bound to.
@@ -366,7 +388,9 @@ impl Core {
         }
         // Tasks dropped by the shutdown reported Closed; deliver those now.
         for _ in 0..1000 {
-            Self::drain(slf);
+            if let Err(e) = Self::drain_events(slf, false) {
+                e.write_unraisable(slf.py(), None);
+            }
             if !this.hub.take(0, &mut Vec::new()) {
                 break;
             }

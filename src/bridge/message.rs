@@ -189,7 +189,7 @@ pub(super) fn type_name(obj: &Bound<'_, PyAny>) -> String {
 
 pub(super) fn make_message(py: Python<'_>, m: InMsg) -> PyResult<Py<PyAny>> {
     assert_unlocked("building a Message");
-    let body = PyBytes::new(py, &m.data).unbind();
+    let body = PyBytes::new(py, m.payload()).unbind();
     drop(m.data);
     Ok(Py::new(
         py,
@@ -217,6 +217,6 @@ pub(super) fn make_chunk(py: Python<'_>, m: InMsg) -> PyResult<Py<PyAny>> {
     };
     assert_unlocked("building a chunk");
     let op = opcode_object(py, m.opcode.as_u8())?;
-    let body = PyBytes::new(py, &m.data);
+    let body = PyBytes::new(py, m.payload());
     Ok((op, body, fin).into_pyobject(py)?.into_any().unbind())
 }

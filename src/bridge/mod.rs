@@ -9,8 +9,9 @@
 //!
 //! Hot paths:
 //! - `recv()` takes a message when first resumed: with one queued it completes without
-//!   suspending (no future, no loop round-trip). Otherwise it waits on an
-//!   `asyncio.Future` that `drain` completes. A cancelled receive gives back a message
+//!   suspending (no future, no loop round-trip). Otherwise it waits on a
+//!   `Waiter` (waiter.rs, the asyncio future protocol in Rust) that `drain` completes,
+//!   resuming the task directly when `drain` runs as the loop's reader callback. A cancelled receive gives back a message
 //!   it had already been handed, so cancelling a pending `recv()` loses nothing.
 //! - `send()` encodes the frame straight into the connection's outbox (one copy), wakes
 //!   the connection task only if the outbox was empty, and returns a shared completed
@@ -24,7 +25,8 @@
 //!
 //! Module map: `core` (the server's native half; with `client`, also the client
 //! role's: one client core per event loop for `lightws.connect`), `connection` (receive, close,
-//! properties) and `send` (the send scheduler), `op` (the awaitable), `message`,
+//! properties) and `send` (the send scheduler), `op` (the awaitable), `waiter` (the
+//! receive's native future), `message`,
 //! `config` (Config -> ServerConfig), `api` (Python objects looked up once) and
 //! `errors` (the one place errors become Python exceptions).
 
@@ -38,6 +40,7 @@ mod listener;
 mod message;
 mod op;
 mod send;
+mod waiter;
 
 pub use self::client::{client_abandon, client_cancel, client_connect, client_core};
 pub use self::connection::Connection;

@@ -5,9 +5,11 @@ use pyo3::exceptions::PyStopIteration;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+use pyo3::types::PyTuple;
 
 use super::api::api;
 use super::connection::{Connection, Received, Want};
+use super::waiter::{Outcome, Waiter};
 use crate::lockcheck::assert_unlocked;
 
 /// How many operations on one connection may complete without suspending before one of
@@ -75,19 +77,24 @@ impl Op {
     /// Yield `fut` to the running task (the protocol of `asyncio.Future.__await__`).
     pub(super) fn yield_future(py: Python<'_>, fut: &Py<PyAny>) -> PyResult<Option<Py<PyAny>>> {
         assert_unlocked("yielding a future");
+        if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+            w.borrow_mut().blocking = true;
+            return Ok(Some(fut.clone_ref(py)));
+        }
         fut.setattr(py, intern!(py, "_asyncio_future_blocking"), true)?;
         Ok(Some(fut.clone_ref(py)))
     }
 
-    /// The coroutine's step: `Ok(Some(x))` yields x, `Err(StopIteration(v))` returns v.
+    /// The coroutine's step: `Ok(Some(x))` yields x, `Ok(None)` returns None (for
+    /// `__next__`: exhausted without an exception), `Err(StopIteration(v))` returns v.
     pub(super) fn step(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         loop {
             match std::mem::replace(&mut self.state, OpState::Finished) {
                 OpState::Nothing => {
                     self.state = OpState::Nothing;
-                    return Err(PyStopIteration::new_err((py.None(),)));
+                    return Ok(None);
                 }
-                OpState::Finished => return Err(PyStopIteration::new_err((py.None(),))),
+                OpState::Finished => return Ok(None),
                 OpState::YieldOnce => return Ok(Some(py.None())),
                 OpState::Receive {
                     conn,
@@ -103,7 +110,7 @@ impl Op {
                         return Ok(Some(py.None()));
                     }
                     match conn.get().receive_now(py, want)? {
-                        Received::Value(v) => return Err(PyStopIteration::new_err((v,))),
+                        Received::Value(v) => return Err(stop(py, v)),
                         Received::Error(e) => return Err(e),
                         Received::Wait(fut) => {
                             self.state = OpState::Wait {
@@ -114,13 +121,26 @@ impl Op {
                     }
                 }
                 OpState::Wait { fut, kind } => {
+                    if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+                        // A receive's native future: read in Rust, no call.
+                        let r = w.borrow().outcome(py);
+                        match r {
+                            Some(Ok(v)) => return Err(stop(py, v)),
+                            Some(Err(e)) => return Err(e),
+                            None => {
+                                let y = Self::yield_future(py, &fut);
+                                self.state = OpState::Wait { fut, kind };
+                                return y;
+                            }
+                        }
+                    }
                     // The task resumes us once the future is complete: result() gives
                     // its value or raises its exception (ConnectionClosed,
                     // CancelledError). One call, not done() then result(): this is on
                     // every message's path.
                     assert_unlocked("future.result()");
                     match fut.call_method0(py, intern!(py, "result")) {
-                        Ok(v) => return Err(PyStopIteration::new_err((v,))),
+                        Ok(v) => return Err(stop(py, v)),
                         Err(e) if e.is_instance(py, api(py)?.invalid_state.bind(py)) => {
                             // Resumed early (not by a task): wait on.
                             let y = Self::yield_future(py, &fut);
@@ -146,6 +166,16 @@ impl Op {
             return;
         };
         let r: PyResult<()> = (|| {
+            if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+                if Waiter::cancel_now(w, None)? {
+                    return Ok(());
+                }
+                let value = w.borrow().value(py);
+                if let (Some(v), WaitKind::Receive(conn, want)) = (value, kind) {
+                    conn.get().put_back(v, want);
+                }
+                return Ok(());
+            }
             if !is_done(py, &fut)? {
                 fut.call_method0(py, intern!(py, "cancel"))?;
                 return Ok(());
@@ -200,8 +230,12 @@ impl Op {
     fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         self.step(py)
     }
-    fn send(&mut self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
-        self.step(py)
+    fn send(&mut self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        // A method, not the iterator slot: returning means raising StopIteration.
+        match self.step(py)? {
+            Some(y) => Ok(y),
+            None => Err(PyStopIteration::new_err(py.None())),
+        }
     }
     #[pyo3(signature = (typ, val=None, _tb=None))]
     fn throw(
@@ -223,6 +257,20 @@ impl Op {
     }
 }
 
+/// `StopIteration` returning `v` from a coroutine step.
+///
+/// NOTE: the value goes in as the exception's value itself rather than as `(v,)`:
+/// CPython 3.11 then reads it back without creating the StopIteration instance
+/// (`_PyGen_FetchStopIterationValue`), once per received message. A tuple must be
+/// wrapped (it would be taken for the exception's arguments).
+fn stop(py: Python<'_>, v: Py<PyAny>) -> PyErr {
+    if v.bind(py).is_instance_of::<PyTuple>() {
+        PyStopIteration::new_err((v,))
+    } else {
+        PyStopIteration::new_err(v)
+    }
+}
+
 pub(super) static DONE: PyOnceLock<Py<Op>> = PyOnceLock::new();
 
 /// The shared completed awaitable that returns None (stateless, so one serves all).
@@ -238,12 +286,18 @@ pub(super) fn op_wait(py: Python<'_>, fut: Py<PyAny>, kind: WaitKind) -> PyResul
 // -- asyncio futures: every call goes through these, with no connection lock held -----
 
 pub(super) fn is_done(py: Python<'_>, fut: &Py<PyAny>) -> PyResult<bool> {
+    if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+        return Ok(w.borrow().is_done());
+    }
     assert_unlocked("future.done()");
     fut.call_method0(py, intern!(py, "done"))?.is_truthy(py)
 }
 
 /// Complete `fut` with `value` unless it is already done (cancelled by its waiter).
 pub(super) fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: Py<PyAny>) -> PyResult<()> {
+    if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+        return Waiter::complete(w, Outcome::Value(value)).map(drop);
+    }
     if !is_done(py, fut)? {
         fut.call_method1(py, intern!(py, "set_result"), (value,))?;
     }
@@ -252,6 +306,9 @@ pub(super) fn resolve(py: Python<'_>, fut: &Py<PyAny>, value: Py<PyAny>) -> PyRe
 
 /// Fail `fut` with `err` unless it is already done.
 pub(super) fn reject(py: Python<'_>, fut: &Py<PyAny>, err: PyErr) -> PyResult<()> {
+    if let Ok(w) = fut.bind(py).cast::<Waiter>() {
+        return Waiter::complete(w, Outcome::Error(err)).map(drop);
+    }
     if !is_done(py, fut)? {
         fut.call_method1(py, intern!(py, "set_exception"), (err.into_value(py),))?;
     }

@@ -349,6 +349,16 @@ impl Decoder {
         self.message_size
     }
 
+    /// Payload bytes still to come of the data frame being read, once its first event
+    /// has been handed out (0 otherwise): what a caller assembling the message may read
+    /// straight into the message and pass to [`Decoder::decode`] there.
+    pub fn payload_remaining(&self) -> u64 {
+        match self.frame {
+            Some(f) if !self.first => f.remaining,
+            _ => 0,
+        }
+    }
+
     /// Decode from the start of `buf`, unmasking payload bytes in place.
     ///
     /// Returns `(consumed, event)`:

@@ -28,6 +28,11 @@ pub const ABNORMAL_CLOSURE: u16 = 1006;
 /// Close code reported when the peer's close frame carried no code (RFC 6455 7.1.5).
 pub const NO_STATUS_RCVD: u16 = 1005;
 
+/// A whole message at least this large that ends the read buffer is handed over in the
+/// buffer it was read into instead of copied out (`Io::deliver_at`): below it a copy
+/// costs less than the fresh read buffer that replaces the one handed over.
+const TAKE_BUFFER_MIN: usize = 8 * 1024;
+
 /// Log levels, as `lightws.LogLevel` (the same numbers): a record is emitted when its
 /// level is at most the configured one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -130,6 +135,12 @@ pub trait Io {
     fn assembling(&mut self) {}
     /// A message (or a chunk of a streamed one) for the application.
     fn deliver(&mut self, opcode: OpCode, data: Vec<u8>, part: Part);
+    /// A whole message whose payload is `data[start..]`: the read buffer it arrived in,
+    /// handed over with its frame header in front instead of being copied.
+    fn deliver_at(&mut self, opcode: OpCode, mut data: Vec<u8>, start: usize) {
+        data.drain(..start);
+        self.deliver(opcode, data, Part::Whole);
+    }
     /// No more messages will be delivered; `info` says why.
     fn closed(&mut self, info: CloseInfo);
     /// Seal the application's outbound queue: the session's close frame follows.
@@ -309,6 +320,7 @@ impl Session {
             return;
         }
         let mut pos = 0;
+        let end = buf.len();
         loop {
             if !self.decoder.in_message() {
                 // A streamed message is not bound by max_msg_len (DESIGN.md §1).
@@ -332,8 +344,26 @@ impl Session {
                 Ok((n, ev)) => {
                     pos += n;
                     if let Some(ev) = ev {
-                        // The event borrows `buf`; what outlives this call is copied.
-                        self.on_event(ev, now, io);
+                        // The event borrows `buf`; what outlives this call is copied,
+                        // except a large message that ends the buffer: the buffer is
+                        // handed over (NOTE: that copy was 20 % of the I/O thread's
+                        // time per 64 KiB echo, BENCHMARKS.md "Where the time goes").
+                        let whole = match &ev {
+                            Event::Data {
+                                opcode, payload, ..
+                            } if pos == end => Some((*opcode, payload.len())),
+                            _ => None,
+                        };
+                        if self.on_event(ev, now, io, whole.is_some()) {
+                            let (opcode, len) = whole.unwrap_or((OpCode::Binary, 0));
+                            let mut data = std::mem::take(buf);
+                            // In place (the allocator splits off the unused tail).
+                            data.shrink_to_fit();
+                            Self::debug_frame(io, "recv", opcode, &data[pos - len..]);
+                            io.deliver_at(opcode, data, pos - len);
+                            pos = 0;
+                            break;
+                        }
                     }
                     if self.discard_input || self.end.is_some() {
                         // Failed, or the peer's close is in: nothing after it counts.
@@ -356,12 +386,82 @@ impl Session {
         }
     }
 
+    /// Where the rest of the current data frame's payload can be read from the socket
+    /// straight into the message being assembled (no copy through the read buffer):
+    /// the message's spare room, at most the frame's remaining payload; empty when that
+    /// does not apply (no frame in progress, a whole message in one piece, streaming,
+    /// inflating, closing). Read there, then call [`Session::receive_payload`].
+    ///
+    /// NOTE: a 64 KiB message that arrives in several reads was copied from the read
+    /// buffer into the message, 16 % of the I/O thread's time per 64 KiB echo
+    /// (BENCHMARKS.md, "Where the time goes").
+    pub fn payload_room(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
+        let remaining = self.decoder.payload_remaining();
+        if remaining == 0
+            || self.state != State::Open
+            || self.discard_input
+            || self.end.is_some()
+            || self.streaming
+            || self.msg.capacity() == 0
+            || self.deflate.as_ref().is_some_and(|d| d.inflating)
+        {
+            return &mut [];
+        }
+        // The frame's length was checked against max_msg_len at its header.
+        let remaining = remaining as usize;
+        if self.msg.capacity() - self.msg.len() < remaining {
+            self.msg.reserve_exact(remaining);
+        }
+        &mut self.msg.spare_capacity_mut()[..remaining]
+    }
+
+    /// `n` bytes were read into [`Session::payload_room`]: unmask and check them where
+    /// they are, and deliver the message if they end it.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is more than the room `payload_room` gave.
+    pub fn receive_payload<I: Io>(&mut self, n: usize, now: Instant, io: &mut I) {
+        let start = self.msg.len();
+        assert!(
+            n as u64 <= self.decoder.payload_remaining() && start + n <= self.msg.capacity(),
+            "receive_payload: {n} bytes is more than payload_room"
+        );
+        // SAFETY: the caller initialised these n bytes of the spare capacity (checked
+        // against it above).
+        unsafe { self.msg.set_len(start + n) };
+        match self.decoder.decode(&mut self.msg[start..]) {
+            Err(e) => {
+                self.msg = Vec::new();
+                self.fail(e.close_code(), e.to_string(), now, io);
+            }
+            Ok((_, Some(Event::Data { fin: true, .. }))) => {
+                let data = std::mem::take(&mut self.msg);
+                self.deliver(io, self.msg_opcode, data, Part::Whole);
+            }
+            Ok(_) => {}
+        }
+        if self.timer_kind == TimerKind::Keepalive {
+            self.last_activity = now;
+            self.last_rx = now;
+        }
+    }
+
     /// The peer closed its side of the TCP connection.
     pub fn receive_eof(&mut self) {
         self.eof = true;
     }
 
-    fn on_event<I: Io>(&mut self, ev: Event<'_>, now: Instant, io: &mut I) {
+    /// Handle one decoded event. `ends_buffer`: a data event whose payload ends the read
+    /// buffer; true is returned if that payload is a whole message that should be
+    /// delivered by taking the buffer (the caller does it; nothing was delivered).
+    fn on_event<I: Io>(
+        &mut self,
+        ev: Event<'_>,
+        now: Instant,
+        io: &mut I,
+        ends_buffer: bool,
+    ) -> bool {
         match ev {
             Event::Data {
                 opcode,
@@ -375,7 +475,7 @@ impl Session {
                 }
                 if self.state != State::Open {
                     // After our close frame, data is read and dropped (RFC 6455 5.5.1).
-                    return;
+                    return false;
                 }
                 if first {
                     self.streaming = io.take_stream_request();
@@ -385,21 +485,24 @@ impl Session {
                 }
                 if self.deflate.as_ref().is_some_and(|d| d.inflating) {
                     self.on_compressed(opcode, payload, first, fin, now, io);
-                    return;
+                    return false;
                 }
                 if self.streaming {
                     if fin {
                         self.streaming = false;
                     }
                     if payload.is_empty() && !fin && !first {
-                        return;
+                        return false;
                     }
                     self.deliver(io, opcode, payload.to_vec(), Part::Chunk { fin });
-                    return;
+                    return false;
                 }
                 if first && fin {
+                    if ends_buffer && payload.len() >= TAKE_BUFFER_MIN {
+                        return true;
+                    }
                     self.deliver(io, opcode, payload.to_vec(), Part::Whole);
-                    return;
+                    return false;
                 }
                 if first {
                     self.msg_opcode = opcode;
@@ -456,6 +559,7 @@ impl Session {
                 self.state = State::Finishing;
             }
         }
+        false
     }
 
     /// A chunk of a compressed data message (RFC 7692 §7.2.2): inflate it, bounded by
@@ -866,6 +970,8 @@ mod tests {
         sealed: bool,
         assembling: bool,
         stream: bool,
+        /// Messages handed over in their read buffer (`deliver_at`).
+        taken: usize,
         frames_in: Vec<OpCode>,
         frames_out: Vec<OpCode>,
         logs: Vec<String>,
@@ -884,6 +990,11 @@ mod tests {
         fn deliver(&mut self, opcode: OpCode, data: Vec<u8>, part: Part) {
             self.assembling = false;
             self.delivered.push((opcode, data, part));
+        }
+        fn deliver_at(&mut self, opcode: OpCode, mut data: Vec<u8>, start: usize) {
+            self.taken += 1;
+            data.drain(..start);
+            self.deliver(opcode, data, Part::Whole);
         }
         fn closed(&mut self, info: CloseInfo) {
             self.closed.get_or_insert(info);
@@ -958,6 +1069,101 @@ mod tests {
     fn feed(s: &mut Session, io: &mut Rec, bytes: &[u8], now: Instant) {
         let mut buf = bytes.to_vec();
         s.receive(&mut buf, now, io);
+    }
+
+    /// Write `bytes` into the session's payload room (as the driver's read does).
+    fn read_direct(s: &mut Session, io: &mut Rec, bytes: &[u8], now: Instant) {
+        let room = s.payload_room();
+        assert!(
+            room.len() >= bytes.len(),
+            "{} < {}",
+            room.len(),
+            bytes.len()
+        );
+        for (d, b) in room.iter_mut().zip(bytes) {
+            d.write(*b);
+        }
+        s.receive_payload(bytes.len(), now, io);
+    }
+
+    #[test]
+    fn the_rest_of_a_large_frame_is_read_straight_into_its_message() {
+        let (mut s, t) = session();
+        let mut io = Rec::default();
+        let text = "héllo wörld ".repeat(40); // 560 bytes, multi-byte characters
+        let wire = client_frame(true, OpCode::Text, text.as_bytes());
+        // Nothing to read into before the frame's first bytes were handed out.
+        assert!(s.payload_room().is_empty());
+        feed(&mut s, &mut io, &wire[..50], t);
+        let rest = text.len() - (50 - 8); // header: 2 + 2 (length) + 4 (mask)
+        assert_eq!(s.payload_room().len(), rest);
+        // In odd pieces (the mask's phase and a character split across reads).
+        let mut pos = 50;
+        for n in [7, 1, 130, 3] {
+            read_direct(&mut s, &mut io, &wire[pos..pos + n], t);
+            pos += n;
+            assert!(io.delivered.is_empty());
+        }
+        read_direct(&mut s, &mut io, &wire[pos..], t);
+        assert_eq!(io.delivered.len(), 1);
+        assert_eq!(io.delivered[0].1, text.as_bytes());
+        assert_eq!(io.delivered[0].2, Part::Whole);
+        assert!(s.payload_room().is_empty());
+        // Fragments: the room is per frame; the next frame starts in the read buffer.
+        let mut wire = client_frame(false, OpCode::Binary, &[7; 300]);
+        wire.extend(client_frame(true, OpCode::Continuation, &[9; 200]));
+        feed(&mut s, &mut io, &wire[..20], t);
+        read_direct(&mut s, &mut io, &wire[20..308], t);
+        assert!(s.payload_room().is_empty());
+        feed(&mut s, &mut io, &wire[308..330], t);
+        read_direct(&mut s, &mut io, &wire[330..], t);
+        let mut want = vec![7; 300];
+        want.extend([9; 200]);
+        assert_eq!(io.delivered.len(), 2);
+        assert_eq!(io.delivered[1].1, want);
+        assert!(io.closed.is_none());
+    }
+
+    #[test]
+    fn a_large_message_that_ends_the_read_buffer_is_handed_over_in_it() {
+        let (mut s, t) = session_with(SessionConfig {
+            max_msg_len: 1 << 20,
+            ..config()
+        });
+        let mut io = Rec::default();
+        let big = vec![5u8; 20_000];
+        let mut buf = client_frame(true, OpCode::Binary, &big);
+        s.receive(&mut buf, t, &mut io);
+        assert_eq!((io.taken, io.delivered.len()), (1, 1));
+        assert_eq!(io.delivered[0].1, big);
+        assert!(buf.is_empty());
+        // Followed by the start of another frame, or small: copied out.
+        let mut wire = client_frame(true, OpCode::Binary, &big);
+        wire.extend(&client_frame(true, OpCode::Text, b"x")[..3]);
+        feed(&mut s, &mut io, &wire, t);
+        feed(
+            &mut s,
+            &mut io,
+            &client_frame(true, OpCode::Binary, &[1; 100]),
+            t,
+        );
+        assert_eq!((io.taken, io.delivered.len()), (1, 3));
+        assert_eq!(io.delivered[1].1, big);
+        assert_eq!(io.delivered[2].1, [1; 100]);
+    }
+
+    #[test]
+    fn invalid_utf8_read_straight_into_a_message_fails_with_1007() {
+        let (mut s, t) = session();
+        let mut io = Rec::default();
+        let mut payload = vec![b'a'; 300];
+        payload[200] = 0xFF;
+        let wire = client_frame(true, OpCode::Text, &payload);
+        feed(&mut s, &mut io, &wire[..100], t);
+        read_direct(&mut s, &mut io, &wire[100..], t);
+        assert!(io.delivered.is_empty());
+        assert_eq!(io.closed.as_ref().unwrap().code, 1007);
+        assert!(s.payload_room().is_empty());
     }
 
     /// Decode what the session wrote (server frames: unmasked), and mark it written.
