@@ -377,6 +377,15 @@ impl ClosedGuard {
     pub fn finish(mut self, info: CloseInfo) {
         self.info = Some(info);
     }
+
+    /// Give up the duty to report, for an owner that reports itself (server.rs
+    /// `ConnTask`).
+    pub fn disarm(self) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: each field is moved out exactly once, and `this` is never dropped nor
+        // used again, so neither is dropped twice.
+        drop(unsafe { (std::ptr::read(&this.shared), std::ptr::read(&this.info)) });
+    }
 }
 
 impl Drop for ClosedGuard {
