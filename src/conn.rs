@@ -90,7 +90,7 @@ impl Io for SharedIo<'_> {
         let shared = self.0;
         let mut inbox = shared.inbox.lock();
         if inbox.closed.is_none() {
-            inbox.closed = Some(info);
+            inbox.closed = Some(Box::new(info));
             if inbox.waiting {
                 inbox.waiting = false;
                 shared.hub.push(Event::Readable(shared.id));
