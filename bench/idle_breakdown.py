@@ -5,7 +5,8 @@
 
 Runs a lightws server in this process with the echo demo's handshake (the handler of
 ``python -m lightws echo``, waiting in ``async for msg in conn``) or, with
-``--handshake recv``, a shared handler that only awaits ``conn.recv()``. Idle
+``--handshake recv``, a shared handler that only awaits ``conn.recv()``;
+``listener``: one shared echo listener; ``accept``: ``lightws.Accept(topics=["news"])``. Idle
 connections come from ``python -m lightws bench URL --mode idle`` in another process.
 Between the low and the high count it reports, per added connection:
 
@@ -66,19 +67,35 @@ def recv_handshake(request: lightws.Request, response: lightws.Response) -> Any:
     return recv_handler
 
 
+class Echo(lightws.Listener):
+    def on_message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
+        conn.send_nowait(msg)
+
+
+ECHO = Echo()
+HANDSHAKES: dict[str, Any] = {
+    "echo": echo_handshake,
+    "recv": recv_handshake,
+    "listener": lambda request, response: ECHO,
+    "accept": lambda request, response: lightws.Accept(topics=["news"]),
+}
+
+
 async def hold(server: lightws.Server, url: str, n: int) -> subprocess.Popen[bytes]:
     want = server.stats().connections + n
     cmd = [sys.executable, "-m", "lightws", "bench", url, "--mode", "idle", "-q"]
     proc = subprocess.Popen([*cmd, "-c", str(n), "-d", "3600"], stdout=subprocess.DEVNULL)
     while server.stats().connections < want:
         await asyncio.sleep(0.1)
-    await asyncio.sleep(1.0)  # every handler reaches its recv()
+    # Every handler reaches its recv(); a listener connection's object is released
+    # by the sweep (once a second) after a second without events.
+    await asyncio.sleep(3.0)
     gc.collect()
     return proc
 
 
 async def main(args: argparse.Namespace) -> None:
-    handshake = echo_handshake if args.handshake == "echo" else recv_handshake
+    handshake = HANDSHAKES[args.handshake]
     config = lightws.Config(addr=f"{HOST}:0", handshake=handshake, backlog=4096)
     if args.trace:
         tracemalloc.start(1)
@@ -122,6 +139,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--low", type=int, default=1000)
     p.add_argument("--high", type=int, default=3000)
-    p.add_argument("--handshake", choices=["echo", "recv"], default="echo")
+    p.add_argument("--handshake", choices=sorted(HANDSHAKES), default="echo")
     p.add_argument("--no-trace", dest="trace", action="store_false", help="smaps slope only")
     asyncio.run(main(p.parse_args()))
