@@ -68,7 +68,6 @@ PYTHON_SERVERS = ["lightws", "lightws-listener", "websockets", "picows", "aiohtt
 ALL_SERVERS = [
     *(name + suffix for name in PYTHON_SERVERS for suffix in ("", "+uvloop")),
     "lightws-accept",
-    "lightws-listener-script",
     "socketify",
     "floor",
 ]
@@ -117,8 +116,6 @@ def server_command(server: str, port: int) -> list[str]:
         return [PY, "-m", "lightws", "echo", "--addr", f"{HOST}:{port}", *uv]
     if name == "lightws-listener":
         return [PY, "-m", "lightws", "echo", "--listener", "--addr", f"{HOST}:{port}", *uv]
-    if name == "lightws-listener-script":
-        return [PY, str(HERE / "accept_server.py"), "--listener", "--addr", f"{HOST}:{port}"]
     if name == "lightws-accept":
         return [PY, str(HERE / "accept_server.py"), "--addr", f"{HOST}:{port}"]
     if name == "floor":
