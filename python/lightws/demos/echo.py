@@ -33,10 +33,11 @@ def echo_handshake(request: Request, response: Response) -> Handler | None:
 
 
 async def _echo(conn: Connection) -> None:
-    # Parsed here, not through `request.query`, which would keep the parsed query for
-    # the connection's life.
+    # Parsed here, not through `request.query` (which would keep the parsed query for
+    # the connection's life), and dropped before the loop (the frame would keep it).
     query = parse_qs(conn.request.target.partition("?")[2], keep_blank_values=True)
     reverse = query.get("reverse", [""])[0] == "1"
+    del query
     async for msg in conn:
         if msg.body == b"exit":
             await conn.close()
