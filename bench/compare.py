@@ -5,11 +5,16 @@
     python bench/compare.py --servers lightws,picows+uvloop,floor --loads 64B,idle
 
 Every server runs as its own process with the same echo semantics (each message
-echoed with its opcode, compression off): ``python -m lightws echo`` (lightws),
-``bench/peers.py`` (websockets, picows, aiohttp), and the floor, a native
-single-threaded epoll echo server in the lightws extension
-(``python -m lightws bench --floor-server``). Python servers run on the default
-asyncio loop and, as ``NAME+uvloop``, on uvloop. The load generator is
+echoed with its opcode, compression off): ``python -m lightws echo`` (lightws, a
+coroutine handler per connection), ``python -m lightws echo --listener``
+(lightws-listener, one shared listener object), ``bench/peers.py`` (websockets, picows,
+aiohttp, socketify: socketify.py, uWebSockets under a Python API), and the floor, a
+native single-threaded epoll echo server in the lightws extension
+(``python -m lightws bench --floor-server``). ``lightws-accept``
+(``bench/accept_server.py``: every handshake returns ``lightws.Accept(topics=[...])``,
+no Python object per connection) does not echo: it is measured idle only. Python
+servers run on the default asyncio loop and, as ``NAME+uvloop``, on uvloop (socketify
+has its own loop). The load generator is
 ``python -m lightws bench`` in another process (the per-process file limit is
 20,000, and it keeps client and server CPU apart).
 
@@ -59,11 +64,15 @@ PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"
 
-PYTHON_SERVERS = ["lightws", "websockets", "picows", "aiohttp"]
+PYTHON_SERVERS = ["lightws", "lightws-listener", "websockets", "picows", "aiohttp"]
 ALL_SERVERS = [
     *(name + suffix for name in PYTHON_SERVERS for suffix in ("", "+uvloop")),
+    "lightws-accept",
+    "socketify",
     "floor",
 ]
+#: Servers that do not echo: only the idle load applies.
+IDLE_ONLY = {"lightws-accept"}
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,10 @@ def server_command(server: str, port: int) -> list[str]:
     uv = ["--uvloop"] if loop == "uvloop" else []
     if name == "lightws":
         return [PY, "-m", "lightws", "echo", "--addr", f"{HOST}:{port}", *uv]
+    if name == "lightws-listener":
+        return [PY, "-m", "lightws", "echo", "--listener", "--addr", f"{HOST}:{port}", *uv]
+    if name == "lightws-accept":
+        return [PY, str(HERE / "accept_server.py"), "--addr", f"{HOST}:{port}"]
     if name == "floor":
         return [PY, "-m", "lightws", "bench", "--floor-server", f"{HOST}:{port}"]
     return [PY, str(HERE / "peers.py"), name, "--port", str(port), *uv]
@@ -318,8 +331,8 @@ def measure(server: str, loads: list[str], s: Settings) -> Result:
             print(f"  {server}: {name} failed: {e}", file=sys.stderr, flush=True)
             res.notes.append(f"{name} failed: {e}")
 
-    echo = [load for load in ECHO_LOADS if load.name in loads]
-    if echo or "latency" in loads:
+    echo = [load for load in ECHO_LOADS if load.name in loads and server not in IDLE_ONLY]
+    if echo or ("latency" in loads and server not in IDLE_ONLY):
         with started(server) as proc:
             for load in echo:
                 attempt(f"echo {load.name}", functools.partial(run_echo, proc, load, s, res))
@@ -399,7 +412,7 @@ def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for pkg in ["lightws", "websockets", "picows", "aiohttp", "uvloop"]:
+    for pkg in ["lightws", "websockets", "picows", "aiohttp", "socketify", "uvloop"]:
         try:
             out.append(f"{pkg} {version(pkg)}")
         except PackageNotFoundError:

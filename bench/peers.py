@@ -1,6 +1,6 @@
 """Echo servers of the libraries lightws is compared with, one per process.
 
-    python bench/peers.py {websockets,picows,aiohttp} --port PORT [--uvloop]
+    python bench/peers.py {websockets,picows,aiohttp,socketify} --port PORT [--uvloop]
         [--compression {none,deflate,deflate-nct}]
 
 Each echoes every message back with its opcode, compression off (unless
@@ -10,6 +10,9 @@ Each echoes every message back with its opcode, compression off (unless
 handlers are the libraries' idiomatic ones: websockets and aiohttp await the next
 message in a per-connection coroutine; picows is callback based and echoes each
 frame as it is parsed (the load generator sends every message as one frame).
+socketify (socketify.py, uWebSockets in C++ under a Python API) runs its own libuv loop
+(no asyncio, so ``--uvloop`` and ``--compression`` do not apply) and echoes from its
+``message`` callback.
 """
 
 from __future__ import annotations
@@ -119,6 +122,33 @@ async def aiohttp_server(host: str, port: int) -> Callable[[], Awaitable[None]]:
     return runner.cleanup
 
 
+def socketify_main(host: str, port: int) -> None:
+    """socketify runs its own (libuv) loop: no asyncio here."""
+    import sys
+
+    from socketify import App, CompressOptions, OpCode
+
+    app = App()
+
+    def on_message(ws: Any, message: Any, opcode: OpCode) -> None:
+        ws.send(message, opcode)
+
+    app.ws(
+        "/*",
+        {
+            "compression": CompressOptions.DISABLED,
+            "max_payload_length": MAX_SIZE,
+            # The longest uWebSockets allows: idle connections stay open for the
+            # memory measurement.
+            "idle_timeout": 960,
+            "message": on_message,
+        },
+    )
+    app.listen({"port": port, "host": host}, lambda _config: print("ready", flush=True))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    app.run()
+
+
 SERVERS: dict[str, Callable[[str, int], Awaitable[Callable[[], Awaitable[None]]]]] = {
     "websockets": websockets_server,
     "picows": picows_server,
@@ -139,7 +169,7 @@ async def main(args: argparse.Namespace) -> None:
 
 def run(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("server", choices=sorted(SERVERS))
+    p.add_argument("server", choices=sorted([*SERVERS, "socketify"]))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--uvloop", action="store_true")
@@ -148,6 +178,9 @@ def run(argv: list[str] | None = None) -> None:
     global COMPRESSION
     COMPRESSION = args.compression
     logging.basicConfig(level=logging.ERROR)
+    if args.server == "socketify":
+        socketify_main(args.host, args.port)
+        return
     runner: Any = asyncio.run
     if args.uvloop:
         import uvloop

@@ -87,7 +87,7 @@ impl Io for SharedIo<'_> {
         let shared = self.0;
         let mut inbox = shared.inbox.lock();
         if inbox.closed.is_none() {
-            inbox.closed = Some(info);
+            inbox.closed = Some(Box::new(info));
             if inbox.waiting {
                 inbox.waiting = false;
                 shared.hub.push(Event::Readable(shared.id));
@@ -181,9 +181,8 @@ pub struct Driver<S> {
     rbuf: Vec<u8>,
     read_size: usize,
     need_flush: bool,
-    /// The session's deadline, armed (`timer_at` is what it is armed for).
+    /// The timer, armed at the session's deadline (boxed, and only while there is one).
     timer: Option<Pin<Box<Sleep>>>,
-    timer_at: Option<std::time::Instant>,
     /// io_statistics gauges this connection currently contributes to.
     io_reading: bool,
     io_writing: bool,
@@ -208,7 +207,6 @@ impl<S: Transport> Driver<S> {
             read_size: cfg.ws_read_buffer,
             need_flush: false,
             timer: None,
-            timer_at: None,
             io_reading: false,
             io_writing: false,
             started: false,
@@ -343,8 +341,9 @@ impl<S: Transport> Driver<S> {
     /// does not move it, see `Session::timer_at`) and poll it; true if it fired.
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
         let want = self.session.deadline();
-        if want != self.timer_at {
-            self.timer_at = want;
+        // What the timer is armed for is its own deadline: no copy kept beside it.
+        let armed = self.timer.as_ref().map(|t| t.deadline().into_std());
+        if want != armed {
             match want {
                 None => self.timer = None,
                 Some(at) => {
@@ -513,6 +512,13 @@ impl<S: Transport> Future for Driver<S> {
             }
         }
         this.poll_run(cx)
+    }
+}
+
+impl<S> Driver<S> {
+    /// The state shared with the connection's Python side.
+    pub fn conn_shared(&self) -> &Arc<ConnShared> {
+        &self.shared
     }
 }
 

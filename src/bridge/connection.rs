@@ -226,7 +226,7 @@ impl Connection {
     }
 
     pub(super) fn close_info(&self) -> CloseInfo {
-        let received = self.shared.inbox.lock().closed.clone();
+        let received = self.shared.inbox.lock().closed.as_deref().cloned();
         let sent = || self.st.lock().sent_close().cloned();
         // Over max_backpressure with on_backpressure="close": closing with 1013.
         let overflow = || {
@@ -255,7 +255,7 @@ impl Connection {
             Some(m) => m.part,
             None => {
                 return match &inbox.closed {
-                    Some(info) => Popped::Closed(info.clone()),
+                    Some(info) => Popped::Closed(CloseInfo::clone(info)),
                     None => {
                         // Under the inbox lock: a message that lands after this sees
                         // `waiting` and pushes Event::Readable, so no wake-up is lost.
@@ -865,10 +865,10 @@ impl Connection {
             // read (1006, no close frame).
             let mut inbox = self.shared.inbox.lock();
             if inbox.closed.is_none() {
-                inbox.closed = Some(CloseInfo {
+                inbox.closed = Some(Box::new(CloseInfo {
                     code: ABNORMAL_CLOSURE,
                     reason: String::new(),
-                });
+                }));
             }
         }
         self.shared.waker.wake();

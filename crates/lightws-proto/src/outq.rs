@@ -50,9 +50,136 @@ pub enum OutItem {
     Compress(OpCode, Bytes),
 }
 
-/// See the module documentation.
+/// See the module documentation. An empty queue is one null pointer: its state is
+/// boxed while it holds anything and freed when it is written out or cleared, so an
+/// idle connection's two queues (its session's and its outbox) cost 8 bytes each
+/// instead of 80.
 #[derive(Default)]
-pub struct OutQueue {
+pub struct OutQueue(Option<Box<Queue>>);
+
+impl OutQueue {
+    pub const fn new() -> Self {
+        Self(None)
+    }
+
+    fn queue(&mut self) -> &mut Queue {
+        self.0.get_or_insert_with(Default::default)
+    }
+
+    /// Queue a whole data message to be compressed and framed by the session (see the
+    /// module documentation). Counted in [`OutQueue::len`] by its raw size.
+    pub fn push_compress(&mut self, opcode: OpCode, data: Bytes) {
+        self.queue().push_compress(opcode, data);
+    }
+
+    /// Whether messages to compress are queued.
+    pub fn has_compress(&self) -> bool {
+        self.0.as_ref().is_some_and(|q| q.has_compress())
+    }
+
+    /// Every item, in order (a partly written front keeps only its unwritten part).
+    pub fn into_items(self) -> Vec<OutItem> {
+        self.0.map_or_else(Vec::new, |q| q.into_items())
+    }
+
+    /// Unwritten bytes.
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Append to the tail with `encode` (one or more whole frames).
+    pub fn push_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+        self.queue().push_with(encode);
+        self.release_if_empty();
+    }
+
+    /// The tail, to encode into directly; call [`OutQueue::added`] with how many bytes
+    /// were appended.
+    pub fn tail_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.queue().tail
+    }
+
+    /// `n` bytes were appended through [`OutQueue::tail_mut`].
+    pub fn added(&mut self, n: usize) {
+        self.queue().len += n;
+        self.release_if_empty();
+    }
+
+    /// Append a chunk by reference (a frame shared with other connections).
+    pub fn push_chunk(&mut self, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.queue().push_chunk(chunk);
+        }
+    }
+
+    /// Move everything from `other` to the end of this queue (`other` is left empty).
+    pub fn append(&mut self, other: &mut OutQueue) {
+        let Some(taken) = other.0.take() else {
+            return;
+        };
+        match &mut self.0 {
+            _ if taken.len == 0 => {}
+            Some(q) if q.len > 0 => q.append(*taken),
+            mine => *mine = Some(taken),
+        }
+    }
+
+    /// Drop every unwritten byte (and the buffers).
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    /// Fill `dst` with the unwritten bytes in order; returns how many slices it used.
+    pub fn slices<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        self.0.as_ref().map_or(0, |q| q.slices(dst))
+    }
+
+    /// The first unwritten bytes (for writers without vectored writes).
+    pub fn front(&self) -> &[u8] {
+        self.0.as_ref().map_or(&[], |q| q.front())
+    }
+
+    /// `n` bytes were written. Fully written chunks are released; once everything is
+    /// written the buffers go back to the allocator.
+    ///
+    /// # Panics
+    /// If `n` is more than [`OutQueue::len`].
+    pub fn advance(&mut self, n: usize) {
+        assert!(n <= self.len(), "advance past the end of the queue");
+        if let Some(q) = &mut self.0 {
+            q.advance(n);
+        }
+        self.release_if_empty();
+    }
+
+    fn release_if_empty(&mut self) {
+        if self.is_empty() {
+            self.0 = None;
+        }
+    }
+
+    /// Every unwritten byte, copied (for tests and logs).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.0.as_ref().map_or_else(Vec::new, |q| q.to_vec())
+    }
+
+    /// Bytes of buffer this queue holds (for memory accounting in tests).
+    pub fn capacity(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| {
+            std::mem::size_of::<Queue>()
+                + q.tail.capacity()
+                + q.chunks.capacity() * std::mem::size_of::<Chunk>()
+        })
+    }
+}
+
+/// The queue's state, boxed in [`OutQueue`] while it holds anything.
+#[derive(Default)]
+struct Queue {
     /// Whole chunks, oldest first; the front one may be partly written (`pos`).
     chunks: VecDeque<Chunk>,
     /// Frames appended after every chunk, not yet closed into a chunk. When `chunks`
@@ -66,20 +193,10 @@ pub struct OutQueue {
     compress: usize,
 }
 
-impl OutQueue {
-    pub const fn new() -> Self {
-        Self {
-            chunks: VecDeque::new(),
-            tail: Vec::new(),
-            pos: 0,
-            len: 0,
-            compress: 0,
-        }
-    }
-
+impl Queue {
     /// Queue a whole data message to be compressed and framed by the session (see the
     /// module documentation). Counted in [`OutQueue::len`] by its raw size.
-    pub fn push_compress(&mut self, opcode: OpCode, data: Bytes) {
+    fn push_compress(&mut self, opcode: OpCode, data: Bytes) {
         self.close_tail();
         self.len += data.len();
         self.compress += 1;
@@ -88,12 +205,12 @@ impl OutQueue {
     }
 
     /// Whether messages to compress are queued.
-    pub fn has_compress(&self) -> bool {
+    fn has_compress(&self) -> bool {
         self.compress > 0
     }
 
     /// Every item, in order (a partly written front keeps only its unwritten part).
-    pub fn into_items(mut self) -> Vec<OutItem> {
+    fn into_items(mut self) -> Vec<OutItem> {
         self.close_tail();
         let mut skip = self.pos;
         let mut out = Vec::with_capacity(self.chunks.len());
@@ -115,35 +232,15 @@ impl OutQueue {
         out
     }
 
-    /// Unwritten bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Append to the tail with `encode` (one or more whole frames).
-    pub fn push_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+    fn push_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
         let before = self.tail.len();
         encode(&mut self.tail);
         self.len += self.tail.len() - before;
     }
 
-    /// The tail, to encode into directly; call [`OutQueue::added`] with how many bytes
-    /// were appended.
-    pub fn tail_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.tail
-    }
-
-    /// `n` bytes were appended through [`OutQueue::tail_mut`].
-    pub fn added(&mut self, n: usize) {
-        self.len += n;
-    }
-
     /// Append a chunk by reference (a frame shared with other connections).
-    pub fn push_chunk(&mut self, chunk: Bytes) {
+    fn push_chunk(&mut self, chunk: Bytes) {
         if chunk.is_empty() {
             return;
         }
@@ -160,18 +257,8 @@ impl OutQueue {
         }
     }
 
-    /// Move everything from `other` to the end of this queue (`other` is left empty).
-    pub fn append(&mut self, other: &mut OutQueue) {
-        if other.is_empty() {
-            *other = OutQueue::new();
-            return;
-        }
-        if self.is_empty() {
-            std::mem::swap(self, other);
-            *other = OutQueue::new();
-            return;
-        }
-        let mut taken = std::mem::take(other);
+    /// Move everything from `taken` to the end of this queue.
+    fn append(&mut self, mut taken: Queue) {
         taken.close_tail();
         // The other's written prefix (if any) is dropped from its front chunk.
         if taken.pos > 0 {
@@ -185,13 +272,8 @@ impl OutQueue {
         self.chunks.extend(taken.chunks);
     }
 
-    /// Drop every unwritten byte (and the buffers).
-    pub fn clear(&mut self) {
-        *self = OutQueue::new();
-    }
-
     /// Fill `dst` with the unwritten bytes in order; returns how many slices it used.
-    pub fn slices<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+    fn slices<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
         let mut skip = self.pos;
         for chunk in self
@@ -214,17 +296,15 @@ impl OutQueue {
     }
 
     /// The first unwritten bytes (for writers without vectored writes).
-    pub fn front(&self) -> &[u8] {
+    fn front(&self) -> &[u8] {
         match self.chunks.front() {
             Some(c) => &c.bytes()[self.pos..],
             None => &self.tail[self.pos..],
         }
     }
 
-    /// `n` bytes were written. Fully written chunks are released; once everything is
-    /// written the buffers go back to the allocator.
-    pub fn advance(&mut self, mut n: usize) {
-        assert!(n <= self.len, "advance past the end of the queue");
+    /// `n` bytes were written (at most `len`). Fully written chunks are released.
+    fn advance(&mut self, mut n: usize) {
         self.len -= n;
         while n > 0 {
             match self.chunks.front() {
@@ -245,13 +325,10 @@ impl OutQueue {
                 }
             }
         }
-        if self.len == 0 {
-            *self = OutQueue::new();
-        }
     }
 
     /// Every unwritten byte, copied (for tests and logs).
-    pub fn to_vec(&self) -> Vec<u8> {
+    fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len);
         let mut slices = vec![IoSlice::new(&[]); self.chunks.len() + 1];
         let n = self.slices(&mut slices);
@@ -259,11 +336,6 @@ impl OutQueue {
             out.extend_from_slice(s);
         }
         out
-    }
-
-    /// Bytes of buffer this queue holds (for memory accounting in tests).
-    pub fn capacity(&self) -> usize {
-        self.tail.capacity() + self.chunks.capacity() * std::mem::size_of::<Chunk>()
     }
 }
 
@@ -306,6 +378,23 @@ mod tests {
         assert_eq!(write_all(&mut q, 3), b"abSHAREDcdSHARED");
         assert!(q.is_empty());
         assert_eq!(q.capacity(), 0, "an empty queue holds no buffer");
+    }
+
+    #[test]
+    fn an_empty_queue_is_one_null_pointer() {
+        assert_eq!(
+            std::mem::size_of::<OutQueue>(),
+            std::mem::size_of::<usize>()
+        );
+        let mut q = OutQueue::new();
+        q.push_with(|_| {});
+        assert_eq!(q.capacity(), 0, "nothing queued, nothing held");
+        q.tail_mut().extend_from_slice(b"ab");
+        q.added(2);
+        q.push_chunk(Bytes::from_static(b"c"));
+        assert!(q.capacity() > 0);
+        q.advance(3);
+        assert_eq!(q.capacity(), 0, "written out, freed");
     }
 
     #[test]
