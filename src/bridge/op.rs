@@ -1,7 +1,7 @@
 //! [`Op`], the awaitable every coroutine method of `Connection` returns, and the
 //! helpers that create and complete asyncio futures (never under a connection lock).
 
-use pyo3::exceptions::PyStopIteration;
+use pyo3::exceptions::{PyBaseException, PyStopIteration};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -261,10 +261,11 @@ impl Op {
 ///
 /// NOTE: the value goes in as the exception's value itself rather than as `(v,)`:
 /// CPython 3.11 then reads it back without creating the StopIteration instance
-/// (`_PyGen_FetchStopIterationValue`), once per received message. A tuple must be
-/// wrapped (it would be taken for the exception's arguments).
+/// (`_PyGen_FetchStopIterationValue`), once per received message. A tuple (it would be
+/// taken for the exception's arguments) or an exception instance must be wrapped.
 fn stop(py: Python<'_>, v: Py<PyAny>) -> PyErr {
-    if v.bind(py).is_instance_of::<PyTuple>() {
+    let b = v.bind(py);
+    if b.is_instance_of::<PyTuple>() || b.is_instance_of::<PyBaseException>() {
         PyStopIteration::new_err((v,))
     } else {
         PyStopIteration::new_err(v)

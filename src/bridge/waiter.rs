@@ -77,11 +77,33 @@ struct Callback {
     task: bool,
 }
 
+/// A waiter's callbacks: nearly always exactly one (its task's wakeup), kept inline so
+/// that a message costs no allocation for it.
+#[derive(Default)]
+struct Callbacks {
+    first: Option<Callback>,
+    more: Vec<Callback>,
+}
+
+impl Callbacks {
+    fn push(&mut self, cb: Callback) {
+        if self.first.is_none() && self.more.is_empty() {
+            self.first = Some(cb);
+        } else {
+            self.more.push(cb);
+        }
+    }
+
+    fn into_vec_iter(self) -> impl Iterator<Item = Callback> {
+        self.first.into_iter().chain(self.more)
+    }
+}
+
 /// The future of a pending `recv()` (private: `asyncio.isfuture()` is true for it).
 #[pyclass(module = "lightws._lightws")]
 pub struct Waiter {
     state: State,
-    callbacks: Vec<Callback>,
+    callbacks: Callbacks,
     pub(super) blocking: bool,
     /// The task just took this future: its next `add_done_callback` is its wakeup.
     task_armed: bool,
@@ -100,7 +122,7 @@ impl Waiter {
             py,
             Waiter {
                 state: State::Pending,
-                callbacks: Vec::new(),
+                callbacks: Callbacks::default(),
                 blocking: false,
                 task_armed: false,
                 event_loop: event_loop.clone_ref(py),
@@ -163,16 +185,11 @@ impl Waiter {
         Ok(true)
     }
 
-    fn run_callbacks(
-        slf: &Bound<'_, Waiter>,
-        callbacks: Vec<Callback>,
-        direct: bool,
-    ) -> PyResult<()> {
+    fn run_callbacks(slf: &Bound<'_, Waiter>, callbacks: Callbacks, direct: bool) -> PyResult<()> {
         assert_unlocked("a future's callbacks");
         let py = slf.py();
-        let event_loop = slf.borrow().event_loop.clone_ref(py);
         let mut failed = None;
-        for cb in callbacks {
+        for cb in callbacks.into_vec_iter() {
             let r = if direct && cb.task {
                 // The task's wakeup, in the task's context, now: what the loop would do
                 // one iteration later. While that task runs, whatever it completes is
@@ -185,6 +202,7 @@ impl Waiter {
                 DIRECT.with(|c| c.set(was));
                 r
             } else {
+                let event_loop = slf.borrow().event_loop.clone_ref(py);
                 schedule(py, &event_loop, cb.func, cb.context, slf)
             };
             // A wakeup raises only what asyncio lets out of a task (KeyboardInterrupt,
@@ -309,9 +327,9 @@ impl Waiter {
         // Compared with ==, as asyncio does (bound methods are equal, not identical);
         // out of the waiter while Python runs.
         let all = std::mem::take(&mut slf.borrow_mut().callbacks);
-        let mut kept = Vec::with_capacity(all.len());
+        let mut kept = Callbacks::default();
         let mut removed = Vec::new();
-        for c in all {
+        for c in all.into_vec_iter() {
             if c.func.is(func) || matches!(c.func.bind(slf.py()).eq(func), Ok(true)) {
                 removed.push(c);
             } else {
@@ -322,7 +340,9 @@ impl Waiter {
         drop(removed);
         let mut w = slf.borrow_mut();
         let added = std::mem::replace(&mut w.callbacks, kept);
-        w.callbacks.extend(added);
+        for c in added.into_vec_iter() {
+            w.callbacks.push(c);
+        }
         Ok(n)
     }
 
