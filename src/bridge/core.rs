@@ -204,6 +204,9 @@ impl Core {
         if more {
             this.hub.rearm();
         }
+        if let Err(e) = this.release_adopted(py) {
+            e.write_unraisable(py, None);
+        }
         match fatal {
             Some(e) => Err(e),
             None => Ok(()),

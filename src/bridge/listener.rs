@@ -59,6 +59,8 @@ struct Held {
 pub(super) struct Natives {
     native: Mutex<HashMap<u64, Native>>,
     held: Mutex<HashMap<u64, Held>>,
+    /// Adopted since the end of the last drain (see `release_adopted`).
+    fresh: Mutex<Vec<u64>>,
 }
 
 impl Natives {
@@ -364,6 +366,7 @@ impl Core {
         // Messages that came with or right after the upgrade; this also arms the
         // inbox (`waiting`), so the next message comes as an event.
         self.native_readable(core, id)?;
+        self.natives.fresh.lock().push(id);
         Ok(())
     }
 
@@ -397,34 +400,65 @@ impl Core {
             }
             idle
         };
-        let weakrefs = &api(py)?.getweakrefcount;
         let mut released = 0;
         for (id, obj) in idle {
-            // Ours: the map's and this clone.
-            // SAFETY: reading the reference count of an object we hold a reference to.
-            let refs = unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) };
-            if refs > 2 || !obj.get().st.lock().quiescent() {
-                continue;
-            }
-            let b = obj.bind(py);
-            if weakrefs.call1(py, (b,))?.extract::<usize>(py)? > 0 {
-                continue;
-            }
-            if b.getattr(intern!(py, "__dict__"))?.len()? > 0 {
-                continue;
-            }
-            let gone = {
-                let mut held = self.natives.held.lock();
-                match held.get(&id) {
-                    Some(h) if !h.touched => held.remove(&id),
-                    _ => None,
-                }
-            };
-            if gone.is_some() {
-                released += 1;
-            }
-            drop(gone);
+            released += usize::from(self.release(py, id, obj, false)?);
         }
+        Ok(released)
+    }
+
+    /// Release the objects of the connections adopted since the last call (at the end
+    /// of each drain, once the handshake's own references are gone): a listener
+    /// connection whose `on_open` kept nothing holds no Python object from its first
+    /// idle moment, not only after the next sweeps.
+    pub(super) fn release_adopted(&self, py: Python<'_>) -> PyResult<()> {
+        let fresh = std::mem::take(&mut *self.natives.fresh.lock());
+        for id in fresh {
+            let obj = self
+                .natives
+                .held
+                .lock()
+                .get(&id)
+                .map(|h| h.obj.clone_ref(py));
+            if let Some(obj) = obj {
+                self.release(py, id, obj, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop the kept object of connection `id` (`obj`, a clone) if nothing else
+    /// references it, it has no attributes and nothing is pending on it; unless
+    /// `force`, only if no event used it since it was cleared. True if released.
+    fn release(&self, py: Python<'_>, id: u64, obj: Py<Connection>, force: bool) -> PyResult<bool> {
+        // Ours: the map's and this clone.
+        // SAFETY: reading the reference count of an object we hold a reference to.
+        let refs = unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) };
+        if refs > 2 || !obj.get().st.lock().quiescent() {
+            return Ok(false);
+        }
+        let b = obj.bind(py);
+        if api(py)?
+            .getweakrefcount
+            .call1(py, (b,))?
+            .extract::<usize>(py)?
+            > 0
+        {
+            return Ok(false);
+        }
+        if b.getattr(intern!(py, "__dict__"))?.len()? > 0 {
+            return Ok(false);
+        }
+        let gone = {
+            let mut held = self.natives.held.lock();
+            match held.get(&id) {
+                Some(h) if force || !h.touched => held.remove(&id),
+                _ => None,
+            }
+        };
+        let released = gone.is_some();
+        drop(gone);
+        drop(obj);
         Ok(released)
     }
 }
