@@ -171,18 +171,22 @@ impl Core {
         Ok(true)
     }
 
+    /// The object kept for connection `id`, if any (not marking it used).
+    fn kept(&self, py: Python<'_>, id: u64) -> Option<Py<Connection>> {
+        self.natives
+            .held
+            .lock()
+            .get(&id)
+            .map(|h| h.obj.clone_ref(py))
+    }
+
     /// Event::Drained for a native connection: its object (if one is kept) may have
     /// sends waiting. False if `id` is not a native one.
     pub(super) fn native_drained(&self, py: Python<'_>, id: u64) -> PyResult<bool> {
         if !self.natives.native.lock().contains_key(&id) {
             return Ok(false);
         }
-        let obj = self
-            .natives
-            .held
-            .lock()
-            .get(&id)
-            .map(|h| h.obj.clone_ref(py));
+        let obj = self.kept(py, id);
         if let Some(obj) = obj {
             obj.get().on_drained(py)?;
         }
@@ -414,12 +418,7 @@ impl Core {
     pub(super) fn release_adopted(&self, py: Python<'_>) -> PyResult<()> {
         let fresh = std::mem::take(&mut *self.natives.fresh.lock());
         for id in fresh {
-            let obj = self
-                .natives
-                .held
-                .lock()
-                .get(&id)
-                .map(|h| h.obj.clone_ref(py));
+            let obj = self.kept(py, id);
             if let Some(obj) = obj {
                 self.release(py, id, obj, true)?;
             }
