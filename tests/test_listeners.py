@@ -1333,3 +1333,22 @@ async def test_coroutine_handlers_listeners_and_accept_on_one_server() -> None:
         assert server.subscribers("all") == 0
     assert [c[1] for c in sub.closes()] == [1000]
     assert [c[1] for c in rec.closes()] == [1000]
+
+
+async def test_methods_set_on_the_instance_are_called_over_the_base_no_ops() -> None:
+    """The base class's no-op methods are skipped (no call, no object made for them),
+    but a method set on the instance replaces them."""
+    events: list[str] = []
+
+    class OnlyMessages(lightws.Listener):
+        def on_message(self, conn: lightws.Connection, msg: lightws.Message) -> None:
+            events.append("message")
+            conn.send_nowait(msg)
+
+    listener = OnlyMessages()
+    listener.on_open = lambda conn: events.append("open")  # type: ignore[method-assign]
+    async with serve(returning(listener)) as server:
+        async with connect(url(server)) as ws:
+            await ws.send("x")
+            assert await recv(ws) == "x"
+    assert events == ["open", "message"]

@@ -22,6 +22,8 @@ pub(super) struct PyApi {
     pub(super) listener_failed: Py<PyAny>,
     /// An empty `contextvars.Context` shared by the handler tasks' done callbacks.
     pub(super) empty_context: Py<PyAny>,
+    /// `lightws.Listener`, whose no-op methods a listener may inherit.
+    pub(super) listener_base: Py<PyAny>,
     /// `weakref.getweakrefcount`.
     pub(super) getweakrefcount: Py<PyAny>,
     /// `asyncio.InvalidStateError`: what `Future.result()` raises while pending.
@@ -62,6 +64,7 @@ pub(super) fn api(py: Python<'_>) -> PyResult<&PyApi> {
                 .getattr("Context")?
                 .call0()?
                 .unbind(),
+            listener_base: py.import("lightws.listener")?.getattr("Listener")?.unbind(),
             getweakrefcount: py.import("weakref")?.getattr("getweakrefcount")?.unbind(),
             invalid_state: py.import("asyncio")?.getattr("InvalidStateError")?.unbind(),
             cancelled: py.import("asyncio")?.getattr("CancelledError")?.unbind(),

@@ -304,12 +304,25 @@ impl Core {
         let listener = match listener {
             Some(l) => {
                 let mut m = 0;
+                let base = api(py)?.listener_base.bind(py);
+                let cls = l.get_type();
                 for (bit, name) in [
                     (ON_OPEN, intern!(py, "on_open")),
                     (ON_MESSAGE, intern!(py, "on_message")),
                     (ON_CLOSE, intern!(py, "on_close")),
                 ] {
-                    if l.hasattr(name)? {
+                    // The base class's no-ops (lightws.Listener) count as absent: no
+                    // call, and no object made for them.
+                    let own = l
+                        .getattr(intern!(py, "__dict__"))
+                        .and_then(|d| d.contains(name))
+                        .unwrap_or(false);
+                    let inherited = !own
+                        && match (cls.getattr(name), base.getattr(name)) {
+                            (Ok(a), Ok(b)) => a.is(&b),
+                            _ => false,
+                        };
+                    if !inherited && l.hasattr(name)? {
                         m |= bit;
                     }
                 }
