@@ -64,6 +64,8 @@ ALL_SERVERS = [
     *(name + suffix for name in PYTHON_SERVERS for suffix in ("", "+uvloop")),
     "floor",
 ]
+# Not run by default: lightws+threads0 and lightws+uvloop+threads0 (Config(threads=0),
+# connections on the event loop), and any lightws+threadsN.
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,13 @@ def free_port() -> int:
 
 
 def server_command(server: str, port: int) -> list[str]:
-    name, _, loop = server.partition("+")
-    uv = ["--uvloop"] if loop == "uvloop" else []
+    name, *opts = server.split("+")
+    uv = ["--uvloop"] if "uvloop" in opts else []
     if name == "lightws":
-        return [PY, "-m", "lightws", "echo", "--addr", f"{HOST}:{port}", *uv]
+        # lightws+threadsN: Config.threads (lightws+threads0: on the event loop).
+        threads = [o.removeprefix("threads") for o in opts if o.startswith("threads")]
+        extra = ["--threads", threads[0]] if threads else []
+        return [PY, "-m", "lightws", "echo", "--addr", f"{HOST}:{port}", *uv, *extra]
     if name == "floor":
         return [PY, "-m", "lightws", "bench", "--floor-server", f"{HOST}:{port}"]
     return [PY, str(HERE / "peers.py"), name, "--port", str(port), *uv]
@@ -437,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     servers = [x.strip() for x in args.servers.split(",") if x.strip()]
     loads = [x.strip() for x in args.loads.split(",") if x.strip()]
     for name, known in ((servers, ALL_SERVERS), (loads, ALL_LOADS)):
-        unknown = [x for x in name if x not in known]
+        # lightws also takes +threadsN (e.g. lightws+threads0, lightws+uvloop+threads0).
+        unknown = [x for x in name if x.split("+threads")[0] not in known]
         if unknown:
             p.error(f"unknown: {', '.join(unknown)} (known: {', '.join(known)})")
     settings = Settings(
