@@ -284,8 +284,8 @@ class Series:
 #: between the server's timestamps (src/hoptrace.rs, in its order; None: not reached).
 HOPS = (
     "client write → tokio read",
-    "read → Readable pushed (decode)",
-    "pushed → drain on loop (eventfd wake)",
+    "read → delivered (decode, inbox)",
+    "delivered → drain on loop (hub push, eventfd wake)",
     "drain → send() (Python: recv, handler)",
     "send() → queued/written",
     "queued → driver took it (tokio wake)",

@@ -201,8 +201,8 @@ impl SharedIo<'_> {
         }
         if inbox.waiting {
             inbox.waiting = false;
-            shared.hub.push(Event::Readable(shared.id));
             hoptrace::mark(Hop::Pushed);
+            shared.hub.push(Event::Readable(shared.id));
         }
     }
 }

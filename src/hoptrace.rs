@@ -13,7 +13,8 @@
 pub enum Hop {
     /// The driver's read returned the message's bytes (tokio thread).
     Read = 0,
-    /// The session delivered it and `Event::Readable` was pushed to the hub.
+    /// The session delivered it; `Event::Readable` is about to be pushed to the hub
+    /// (the push includes the eventfd write that wakes the loop).
     Pushed = 1,
     /// `Core.drain` started on the loop thread (the hub's eventfd woke the loop).
     Drain = 2,

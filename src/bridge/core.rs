@@ -343,7 +343,9 @@ impl Core {
 
     /// Handle queued events (called by the event loop when the fd is readable).
     fn drain(slf: &Bound<'_, Self>) -> PyResult<()> {
-        if let Some(reactor) = &slf.get().srv.on_loop {
+        let this = slf.get();
+        if let Some(reactor) = &this.srv.on_loop {
+            this.hub.hold();
             reactor.run();
         }
         crate::hoptrace::mark(crate::hoptrace::Hop::Drain);
