@@ -17,13 +17,16 @@ measured twice per repeat:
   msgs/s of 64 B in all), started before and stopped after the samples.
 
 Servers (each its own process, as in bench/compare.py): ``lightws`` is ``python -m
-lightws echo`` with ``+uvloop`` (``--uvloop``) and ``+threadsN`` (``--threads N``)
-variants; ``picows+uvloop`` and ``websockets+uvloop`` are bench/peers.py. ``--base
-DIR`` puts DIR first on the server's PYTHONPATH for ``base-`` servers (``base-lightws``,
-``base-lightws+uvloop``): a copy of another build's ``lightws`` package, to compare
-before and after in one run. Repeats are interleaved (every server once, then again),
-so a noisy moment of this shared machine hits all of them. Percentiles are over the
-samples of all repeats; the p50 range is the lowest and highest p50 of single runs.
+lightws echo`` with ``+uvloop`` (``--uvloop``), ``+threadsN`` (``--threads N``) and
+``+listener`` (``--listener``: the echo through a listener, ``on_message`` and
+``conn.send_nowait``, no task per connection) variants; ``picows+uvloop`` and
+``websockets+uvloop`` are bench/peers.py; ``+noinline`` needs a ``hop-trace`` build
+(the inline write off). ``--base DIR`` puts DIR first on the server's PYTHONPATH for
+``base-`` servers (``base-lightws``, ``base-lightws+uvloop``): a copy of another
+build's ``lightws`` package, to compare before and after in one run. Repeats are
+interleaved (every server once, then again), so a noisy moment of this shared machine
+hits all of them. Percentiles are over the samples of all repeats; the p50 range is
+the lowest and highest p50 of single runs.
 
 The background load needs the load generator (an extension built with the ``loadgen``
 cargo feature, see BENCHMARKS.md); without it only the idle column is measured.
@@ -77,6 +80,8 @@ def server_command(
     for opt in opts:
         if opt == "uvloop":
             extra.append("--uvloop")
+        elif opt == "listener":
+            extra.append("--listener")  # the echo as a listener (send_nowait, no task)
         elif opt == "noinline":
             # A hop-trace build only: no inline writes (src/hoptrace.rs).
             env["LIGHTWS_HOP_TRACE_NO_INLINE"] = "1"

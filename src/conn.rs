@@ -224,6 +224,10 @@ pub struct Driver<S> {
     shared: Arc<ConnShared>,
     session: Session,
     rbuf: Vec<u8>,
+    /// The end of a frame the loop thread began writing inline (`Outbox.inline_tail`):
+    /// written before the session's output. Boxed: one pointer in every idle driver.
+    #[allow(clippy::box_collection)]
+    tail: Option<Box<Vec<u8>>>,
     read_size: usize,
     need_flush: bool,
     /// The session's deadline, armed (`timer_at` is what it is armed for).
@@ -251,6 +255,7 @@ impl<S: Transport> Driver<S> {
             io,
             session,
             rbuf: leftover,
+            tail: None,
             read_size: cfg.ws_read_buffer,
             need_flush: false,
             timer: None,
@@ -279,9 +284,30 @@ impl<S: Transport> Driver<S> {
                 Ok(took) => progress |= took,
             }
 
+            // First the end of a frame the loop thread began writing: nothing else may
+            // come between its bytes.
+            while let Some(t) = self.tail.as_mut() {
+                match Pin::new(&mut self.io).poll_write(cx, t) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(self.session.outcome())
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        t.drain(..n);
+                        if t.is_empty() {
+                            self.tail = None;
+                        }
+                        self.shared.unsent.fetch_sub(n, Ordering::Relaxed);
+                        self.need_flush = true;
+                        self.shared.stats.add_bytes_out(n as u64);
+                        progress = true;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+
             // Write as much as the socket takes: every queued chunk in one writev (own
             // frames and frames shared with other connections, without copying them).
-            loop {
+            while self.tail.is_none() {
                 let out = self.session.output();
                 if out.is_empty() {
                     break;
@@ -310,7 +336,7 @@ impl<S: Transport> Driver<S> {
                     Poll::Pending => break,
                 }
             }
-            if self.session.output().is_empty() {
+            if self.tail.is_none() && self.session.output().is_empty() {
                 if self.need_flush {
                     match Pin::new(&mut self.io).poll_flush(cx) {
                         Poll::Ready(Ok(())) => self.need_flush = false,
@@ -523,7 +549,14 @@ impl<S: Transport> Driver<S> {
         // What this pass writes (the queue taken now, and output of the session's own)
         // excludes the loop thread's inline writes until all of it is written: no two
         // writers' bytes can interleave on the socket.
-        ob.driver_output = took.is_some() || overflow || !self.session.output().is_empty();
+        if let Some(t) = ob.inline_tail.take() {
+            match self.tail.as_mut() {
+                Some(mine) => mine.extend_from_slice(&t),
+                None => self.tail = Some(t),
+            }
+        }
+        ob.driver_output =
+            took.is_some() || overflow || self.tail.is_some() || !self.session.output().is_empty();
         drop(ob);
         let mut took = match took {
             Some((mut queue, closing)) => {

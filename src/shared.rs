@@ -125,6 +125,11 @@ pub struct Outbox {
     /// lock: plain TCP, from the driver's start until its end (cleared before the
     /// socket is closed). None for TLS.
     pub inline_fd: Option<RawFd>,
+    /// The unwritten end of a frame the loop thread began writing inline (the kernel
+    /// took only part of it). Not in `queue`: the driver writes it before anything of
+    /// its own (a pong, its close frame), and nothing may drop it (an overflow, the
+    /// session sealing the queue), or another frame would land in the middle of it.
+    pub inline_tail: Option<Box<Vec<u8>>>,
 }
 
 impl Outbox {
@@ -415,6 +420,7 @@ impl Drop for ClosedGuard {
             outbox.closed = true;
             outbox.queue.clear();
             outbox.held = None;
+            outbox.inline_tail = None;
         }
         self.shared.hub.push(Event::Closed(self.shared.id));
     }

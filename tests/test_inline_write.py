@@ -166,11 +166,7 @@ async def test_a_peer_that_stops_reading_gets_every_byte_when_it_reads_again(thr
 
     async def handler(conn: lightws.Connection) -> None:
         await conn.recv()
-        i = 0
-        # Until the kernel buffers are full and bytes wait in user space.
-        while conn.buffered_amount == 0:
-            await conn.send(i.to_bytes(4, "big") * 250)
-            i += 1
+        i = await fill(conn)
         stalled.set()
         for _ in range(300):  # behind the queued bytes (these wait for the drain)
             await conn.send(i.to_bytes(4, "big") * 250)
@@ -180,19 +176,11 @@ async def test_a_peer_that_stops_reading_gets_every_byte_when_it_reads_again(thr
         done.set()
 
     async with serve(handler_handshake(handler), threads=threads) as server:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
-        writer.write(upgrade_request("/", key=new_key()))
-        response = await read_response(reader)
-        assert response.status == 101
-        ws = RawWebSocket(reader, writer, response)
-        writer.transport.pause_reading()
+        ws = await stalled_client(server.port)
+        writer = ws.writer
         await ws.send_frame(TEXT, b"go")
         await asyncio.wait_for(stalled.wait(), 30)
-        writer.transport.resume_reading()
+        writer.transport.resume_reading()  # type: ignore[attr-defined]
         received = 0
         n = 0
         while True:
@@ -232,6 +220,24 @@ async def test_statistics_count_what_went_out_inline(threads: int) -> None:
             assert all(c.buffered_amount == 0 for c in server.connections)
 
 
+async def messages_and_pongs(
+    ws: RawWebSocket, expect: Callable[[int], tuple[int, bytes]]
+) -> tuple[int, int]:
+    """Read up to the close frame: message n must be ``expect(n)`` (opcode, payload), and
+    pongs answer pings ``p0``, ``p1``, ... in order. Returns (messages, pongs)."""
+    n, pongs = 0, 0
+    while True:
+        frame = await ws.recv_frame()
+        if frame.opcode == PONG:
+            assert frame.payload == f"p{pongs}".encode()
+            pongs += 1
+        elif frame.opcode == CLOSE:
+            return n, pongs
+        else:
+            assert frame.fin and (frame.opcode, frame.payload) == expect(n), f"message {n}"
+            n += 1
+
+
 @THREADS
 async def test_pings_from_the_peer_and_sends_share_the_socket(threads: int) -> None:
     """The task answers pings (its own output) while the handler sends."""
@@ -251,16 +257,101 @@ async def test_pings_from_the_peer_and_sends_share_the_socket(threads: int) -> N
             for k in range(100):
                 await ws.write(build_frame(PING, f"p{k}".encode()))
             await ws.send_frame(TEXT, b"end")
-            pongs, messages = 0, 0
+            got = await messages_and_pongs(ws, lambda n: (TEXT, f"m{n}".encode()))
+            assert got == (500, 100)
+
+
+async def stalled_client(port: int) -> RawWebSocket:
+    """Upgraded, with a small receive buffer, not reading (resume with
+    ``ws.writer.transport.resume_reading()``)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
+    writer.write(upgrade_request("/", key=new_key()))
+    response = await read_response(reader)
+    assert response.status == 101
+    writer.transport.pause_reading()  # type: ignore[attr-defined]
+    return RawWebSocket(reader, writer, response)
+
+
+async def fill(conn: lightws.Connection) -> int:
+    """Send numbered messages until bytes wait in user space (the kernel stopped
+    taking them: the last inline write was partial, or the queue holds them)."""
+    i = 0
+    while conn.buffered_amount == 0:
+        await conn.send(i.to_bytes(4, "big") * 250)
+        i += 1
+    return i
+
+
+@THREADS
+async def test_an_overflow_after_a_partial_inline_write_keeps_that_frame_whole(
+    threads: int,
+) -> None:
+    """The end of a frame the loop thread began writing is not dropped with the queue
+    when a publish takes the connection over max_backpressure ("close")."""
+    filled: list[int] = []
+
+    async def handler(conn: lightws.Connection) -> None:
+        conn.subscribe("t")
+        server = conn.server
+        assert server is not None
+        await conn.recv()
+        filled.append(await fill(conn))
+        for _ in range(64):  # 1 MiB: over max_backpressure
+            server.publish("t", b"p" * 16384)
+        async for _ in conn:
+            pass
+
+    async with serve(
+        handler_handshake(handler),
+        threads=threads,
+        max_backpressure=256 * 1024,
+        on_backpressure="close",
+    ) as server:
+        ws = await stalled_client(server.port)
+        async with ws:
+            await ws.send_frame(TEXT, b"go")
+            await eventually(lambda: server.stats().backpressure_closes == 1)
+            ws.writer.transport.resume_reading()  # type: ignore[attr-defined]
+            n = 0
             while True:
                 frame = await ws.recv_frame()
-                if frame.opcode == PONG:
-                    assert frame.payload == f"p{pongs}".encode()
-                    pongs += 1
-                elif frame.opcode == TEXT:
-                    assert frame.payload == f"m{messages}".encode()
-                    messages += 1
-                else:
-                    assert frame.opcode == CLOSE
+                if frame.opcode == CLOSE:
+                    assert frame.close_code == 1013
                     break
-            assert (pongs, messages) == (100, 500)
+                assert frame.opcode == BINARY and frame.fin
+                if frame.payload[:1] == b"p":
+                    assert frame.payload == b"p" * 16384
+                else:
+                    assert frame.payload == n.to_bytes(4, "big") * 250, f"message {n}"
+                    n += 1
+            assert n == filled[0]
+
+
+@THREADS
+async def test_pongs_wait_for_the_end_of_a_partly_written_frame(threads: int) -> None:
+    """Pings arriving while a frame is half written: their pongs (the driver's own
+    output) go after its last byte, never inside it."""
+    filled: list[int] = []
+
+    async def handler(conn: lightws.Connection) -> None:
+        await conn.recv()
+        filled.append(await fill(conn))
+        await conn.recv()  # "end", after the pings
+        await conn.close()
+
+    async with serve(handler_handshake(handler), threads=threads) as server:
+        ws = await stalled_client(server.port)
+        async with ws:
+            await ws.send_frame(TEXT, b"go")
+            await eventually(lambda: filled != [])
+            for k in range(20):
+                await ws.write(build_frame(PING, f"p{k}".encode()))
+            await ws.send_frame(TEXT, b"end")
+            await asyncio.sleep(0.1)  # the pings are read (and answered) while stalled
+            ws.writer.transport.resume_reading()  # type: ignore[attr-defined]
+            got = await messages_and_pongs(ws, lambda n: (BINARY, n.to_bytes(4, "big") * 250))
+            assert got == (filled[0], 20)

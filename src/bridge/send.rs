@@ -258,6 +258,7 @@ impl Connection {
                         .filter(|_| {
                             op != OpCode::Close
                                 && !ob.driver_output
+                                && ob.inline_tail.is_none()
                                 && !ob.fragmenting
                                 && !ob.abort
                                 && !ob.overflow
@@ -281,7 +282,8 @@ impl Connection {
                     if over || want_drain {
                         ob.drain_waiting = true;
                     }
-                    Some((was_empty && !ob.queue.is_empty(), over))
+                    let wake = was_empty && !(ob.queue.is_empty() && ob.inline_tail.is_none());
+                    Some((wake, over))
                 }
             }
             .ok_or_else(|| self.closed_error_now(py))?;
@@ -304,7 +306,8 @@ impl Connection {
     /// left to write (`queue_frame` checks that, and that it is plain TCP, the server
     /// role, a whole message or a control frame other than the close). The round trip
     /// then skips waking the connection's tokio task (BENCHMARKS.md, "Latency"). What
-    /// the kernel does not take goes into the queue, for the task, as before.
+    /// the kernel does not take goes to the driver as `Outbox.inline_tail`, which it
+    /// writes before anything else; later sends queue behind it.
     fn write_inline(&self, ob: &mut Outbox, fd: RawFd, op: OpCode, data: &[u8]) {
         let mut head = Vec::with_capacity(frame::MAX_HEADER_LEN);
         frame::encode_header(&mut head, true, op, data.len() as u64, None);
@@ -314,15 +317,16 @@ impl Connection {
             hoptrace::mark(Hop::Written);
             return;
         }
-        ob.queue.push_with(|b| {
-            b.reserve(head.len() + data.len() - n);
-            if n < head.len() {
-                b.extend_from_slice(&head[n..]);
-                b.extend_from_slice(data);
-            } else {
-                b.extend_from_slice(&data[n - head.len()..]);
-            }
-        });
+        let mut tail = Vec::with_capacity(head.len() + data.len() - n);
+        if n < head.len() {
+            tail.extend_from_slice(&head[n..]);
+            tail.extend_from_slice(data);
+        } else {
+            tail.extend_from_slice(&data[n - head.len()..]);
+        }
+        // Counted like queued bytes (the driver subtracts what it writes).
+        self.shared.unsent.fetch_add(tail.len(), Relaxed);
+        ob.inline_tail = Some(Box::new(tail));
     }
 
     /// Whether to compress a data message: the connection negotiated permessage-deflate
