@@ -267,6 +267,11 @@ impl<S: Transport> Driver<S> {
         }
     }
 
+    /// What the connection shares with its Python object.
+    pub fn shared(&self) -> &Arc<ConnShared> {
+        &self.shared
+    }
+
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         loop {
             // Register before looking at the outbox: a send() that lands after the look

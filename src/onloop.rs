@@ -253,8 +253,25 @@ impl Reactor {
         };
         let waker = task.waker.clone();
         let mut cx = Context::from_waker(&waker);
-        let Poll::Ready(outcome) = task.driver.as_mut().poll(&mut cx) else {
-            return;
+        // A panic in a driver ends that connection (as it would end its tokio task),
+        // never unwinds into Core.drain and the loop.
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            task.driver.as_mut().poll(&mut cx)
+        }));
+        let outcome = match polled {
+            Ok(Poll::Pending) => return,
+            Ok(Poll::Ready(outcome)) => outcome,
+            Err(_) => {
+                let task = tasks.remove(&id);
+                drop(tasks);
+                if let Some(t) = &task {
+                    t.driver
+                        .shared()
+                        .log(LogLevel::Error, || "connection driver panicked".into());
+                }
+                drop(task); // the guard reports it closed (1006)
+                return;
+            }
         };
         let Some(mut task) = tasks.remove(&id) else {
             return;
