@@ -18,6 +18,7 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::conn::{Driver, Transport};
 use crate::handshake::{self, HandshakeError, Upgrade};
+use crate::onloop::{Adopted, Reactor};
 use crate::security::{self, IpLimiter, IpNet, IpSlot, OriginPolicy};
 use crate::session::{CloseInfo, LogLevel, ABNORMAL_CLOSURE};
 use crate::shared::{
@@ -70,6 +71,9 @@ pub struct ServerShared {
     pub tls: Option<(Arc<CertStore>, tokio_rustls::TlsAcceptor)>,
     /// Open connections per client address; None without `max_connections_per_ip`.
     pub per_ip: Option<IpLimiter>,
+    /// `Config(threads=0)`: plain TCP connections are driven on the event-loop thread
+    /// after the upgrade (onloop.rs).
+    pub on_loop: Option<Arc<Reactor>>,
 }
 
 impl ServerShared {
@@ -240,7 +244,10 @@ async fn handle(stream: TcpStream, peer: SocketAddr, srv: Arc<ServerShared>, per
         None => {
             let up = Box::pin(upgrade(stream, peer, &srv, deadline, over_limit, per_ip)).await;
             if let Some(up) = up {
-                Box::pin(up.run()).await;
+                match &srv.on_loop {
+                    Some(reactor) => up.adopt(reactor, _count),
+                    None => Box::pin(up.run()).await,
+                }
             }
         }
         Some((_, acceptor)) => {
@@ -323,6 +330,30 @@ impl<S: Transport> Upgraded<S> {
                 format!("connection closed: {} {:?}", outcome.code, outcome.reason)
             });
             guard.finish(outcome);
+        }
+    }
+}
+
+impl Upgraded<TcpStream> {
+    /// `Config(threads=0)`: hand the connection to the event-loop thread (onloop.rs);
+    /// `count` and the per-address slot go with it, held until it closes.
+    fn adopt(self, reactor: &Reactor, count: ConnCount) {
+        let Upgraded {
+            io,
+            shared,
+            guard,
+            leftover,
+            slot,
+        } = self;
+        // On failure the guard reports the connection closed.
+        if let Ok(sock) = io.into_std() {
+            reactor.adopt(Adopted {
+                sock,
+                shared,
+                leftover,
+                guard,
+                hold: Box::new((slot, count)),
+            });
         }
     }
 }
@@ -702,6 +733,7 @@ mod size_tests {
                 stats: Arc::new(Stats::new()),
                 tls: None,
                 per_ip: None,
+                on_loop: None,
             });
             let (server_side, _) = listener.accept().await.unwrap();
             let task = std::mem::size_of_val(&handle(stream, addr, srv.clone(), PerIp::Unlimited));

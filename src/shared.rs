@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -116,6 +117,19 @@ pub struct Outbox {
     /// the Python object: a listener or `Accept` connection keeps its subscriptions
     /// while it has no Python object.
     pub topics: Vec<Arc<Topic>>,
+    /// The driver has output it has not finished writing (set under this lock by the
+    /// driver before it writes, cleared once it has written everything): the loop
+    /// thread must queue its frames, not write them (bridge/send.rs, "inline").
+    pub driver_output: bool,
+    /// The socket, while the loop thread may write a frame straight to it under this
+    /// lock: plain TCP, from the driver's start until its end (cleared before the
+    /// socket is closed). None for TLS.
+    pub inline_fd: Option<RawFd>,
+    /// The unwritten end of a frame the loop thread began writing inline (the kernel
+    /// took only part of it). Not in `queue`: the driver writes it before anything of
+    /// its own (a pong, its close frame), and nothing may drop it (an overflow, the
+    /// session sealing the queue), or another frame would land in the middle of it.
+    pub inline_tail: Option<Box<Vec<u8>>>,
 }
 
 impl Outbox {
@@ -406,6 +420,7 @@ impl Drop for ClosedGuard {
             outbox.closed = true;
             outbox.queue.clear();
             outbox.held = None;
+            outbox.inline_tail = None;
         }
         self.shared.hub.push(Event::Closed(self.shared.id));
     }
