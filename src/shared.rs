@@ -345,13 +345,19 @@ impl ConnShared {
         }
     }
 
-    /// Queue a frame of this connection's own that took the fan-out route (fenced).
-    pub fn push_own(&self, frame: Bytes) {
+    /// Queue a frame of this connection's own that took the fan-out route (fenced; its
+    /// bytes are already counted in `unsent`, see `Fanout::send_own`). `drain`: the
+    /// sender waits for a Drained event (a fragment of a large send, a send over
+    /// `write_limit`), which must not come before the frame is in the queue: it is
+    /// asked for here, not when the frame set off.
+    pub fn push_own(&self, frame: Bytes, drain: bool) {
         let len = frame.len();
         let b0 = frame.first().copied().unwrap_or(0);
         let mut ob = self.outbox.lock();
         if ob.closed || ob.closing {
-            // Nothing goes after our close frame (RFC 6455 5.5.1).
+            // Nothing goes after our close frame (RFC 6455 5.5.1). A sender waiting
+            // for a Drained event is answered by the Closed one.
+            self.unsent.fetch_sub(len, Ordering::Relaxed);
             return;
         }
         let wake = ob.queue.is_empty();
@@ -360,7 +366,9 @@ impl ConnShared {
             ob.closing = true;
         }
         ob.note_frame(b0);
-        self.unsent.fetch_add(len, Ordering::Relaxed);
+        if drain {
+            ob.drain_waiting = true;
+        }
         drop(ob);
         if wake {
             self.waker.wake();

@@ -10,6 +10,7 @@ thread (``threads=1``) and on the event-loop thread (``threads=0``, onloop.rs).
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -100,6 +101,55 @@ async def test_sends_publishes_and_a_large_send_arrive_in_call_order(threads: in
             got = await receive_all(ws)
             assert ws.close_code == 1000 and ws.close_reason == "done"
     assert got == expected
+
+
+@THREADS
+async def test_sends_behind_a_publish_still_on_its_way_wait_for_write_limit(threads: int) -> None:
+    """A publish to the connection's topic waits behind one that the fan-out task
+    compresses (for another subscriber, without context takeover: tens of ms), so the
+    connection's own frames take the fan-out route meanwhile. They must still wait for
+    write_limit: the large send went out of the handler's hands whole, every send after
+    it piled up unwritten, and the next publish found the connection over
+    max_backpressure and was lost (1 run in 6 of the test above, with threads=0)."""
+    slow = random.Random(1).randbytes(900 * 1024)  # incompressible, under max_backpressure
+    expected: list[Any] = ["p0", LARGE, *(f"s{i}" for i in range(50)), "p1", "end"]
+    subscribed = asyncio.Event()
+
+    async def slow_subscriber(conn: lightws.Connection) -> None:
+        conn.subscribe("slow")
+        subscribed.set()
+        async for _ in conn:
+            pass
+
+    async def handler(conn: lightws.Connection) -> None:
+        conn.subscribe("t")
+        server = conn.server
+        assert server is not None
+        await conn.recv()
+        assert server.publish("slow", slow) == 1
+        server.publish("t", "p0")  # behind the slow one
+        await conn.send(LARGE)
+        for i in range(50):
+            await conn.send(f"s{i}")
+        server.publish("t", "p1")
+        await conn.send("end")
+        await conn.close(1000, "done")
+
+    def handshake(request: lightws.Request, response: lightws.Response) -> Any:
+        return slow_subscriber if request.path == "/slow" else handler
+
+    deflate = lightws.Deflate(server_no_context_takeover=True)
+    async with serve(handshake, threads=threads, compression=deflate) as server:
+        async with connect(url(server, "/slow"), max_size=None) as other:
+            await asyncio.wait_for(subscribed.wait(), 10)
+            async with connect(url(server), max_size=None, compression=None) as ws:
+                await ws.send("go")
+                got = await receive_all(ws)
+                assert ws.close_code == 1000 and ws.close_reason == "done"
+            assert await asyncio.wait_for(other.recv(), 10) == slow
+        closes = server.stats().backpressure_closes
+    assert got == expected
+    assert closes == 0
 
 
 def tls_files(tmp_path: Path) -> tuple[str, str, ssl.SSLContext]:

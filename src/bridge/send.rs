@@ -240,8 +240,7 @@ impl Connection {
         hoptrace::mark(Hop::Send);
         let cfg = &self.shared.cfg;
         let over = if self.fenced() {
-            self.queue_fenced(py, op, data, fin, want_drain)?;
-            false
+            self.queue_fenced(py, op, data, fin, want_drain)?
         } else {
             // None for a server connection; a fresh key in the client role.
             let mask = cfg.mask();
@@ -405,6 +404,16 @@ impl Connection {
     }
 
     /// Queue a frame behind the publishes on their way (see fanout.rs, "Order").
+    /// Returns true, like the direct path, if the sender must wait for a Drained event:
+    /// `want_drain`, or over `write_limit`. The frame is not in the outbox yet, so what
+    /// is measured is everything unwritten (`unsent`, which counts it already).
+    ///
+    /// NOTE: this route used to answer "not over" and ask for the Drained event when
+    /// the frame set off. With the driver on the loop thread (`threads=0`) nothing was
+    /// written while the handler kept sending: each fragment of a large send got its
+    /// Drained before it was even queued, so the whole message and every send after it
+    /// piled up unwritten, and the next publish found the connection over
+    /// `max_backpressure` and was lost (tests/test_inline_write.py).
     fn queue_fenced(
         &self,
         py: Python<'_>,
@@ -412,7 +421,7 @@ impl Connection {
         data: &[u8],
         fin: bool,
         want_drain: bool,
-    ) -> PyResult<()> {
+    ) -> PyResult<bool> {
         let closing = {
             let ob = self.shared.outbox.lock();
             ob.closed || ob.closing
@@ -423,16 +432,13 @@ impl Connection {
         }
         let mut b = Vec::with_capacity(frame::MAX_HEADER_LEN + data.len());
         frame::encode_frame(&mut b, fin, op, data, self.shared.cfg.mask());
+        let over =
+            want_drain || self.shared.unsent.load(Relaxed) + b.len() > self.shared.cfg.write_limit;
         self.core
             .get()
             .fanout
-            .send_own(self.shared.clone(), Bytes::from(b));
-        if want_drain {
-            // A large send's next fragment waits for a Drained event as usual.
-            self.shared.outbox.lock().drain_waiting = true;
-            self.shared.waker.wake();
-        }
-        Ok(())
+            .send_own(self.shared.clone(), Bytes::from(b), over);
+        Ok(over)
     }
 
     /// The task took the outbox: queue the next fragment of a large send, if any.
