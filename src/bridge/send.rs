@@ -271,12 +271,14 @@ impl Connection {
                             .queue
                             .push_with(|b| frame::encode_frame(b, fin, op, data, mask)),
                     }
-                    ob.note_frame(first_byte(op, fin));
                     // Counted under the outbox lock: the task, which subtracts what it
-                    // writes, cannot see the bytes before they are counted.
+                    // writes, cannot see the bytes before they are counted. Before
+                    // note_frame: the shared frames it moves in behind a message's final
+                    // fragment were counted when they were held.
                     self.shared
                         .unsent
                         .fetch_add(ob.queue.len() - before, Relaxed);
+                    ob.note_frame(first_byte(op, fin));
                     let over = ob.queue.len() > cfg.write_limit;
                     if over || want_drain {
                         ob.drain_waiting = true;
