@@ -64,6 +64,9 @@ PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"
 
+#: ``--base``: the directory holding the ``lightws`` package of ``base-`` servers.
+BASE_DIR = ""
+
 PYTHON_SERVERS = ["lightws", "lightws-listener", "websockets", "picows", "aiohttp"]
 ALL_SERVERS = [
     *(name + suffix for name in PYTHON_SERVERS for suffix in ("", "+uvloop")),
@@ -73,6 +76,8 @@ ALL_SERVERS = [
 ]
 #: Servers that do not echo: only the idle load applies.
 IDLE_ONLY = {"lightws-accept"}
+# Not run by default: lightws+threads0 and lightws+uvloop+threads0 (Config(threads=0),
+# connections on the event loop), and any lightws+threadsN.
 
 
 @dataclass(frozen=True)
@@ -110,12 +115,17 @@ def free_port() -> int:
 
 
 def server_command(server: str, port: int) -> list[str]:
-    name, _, loop = server.partition("+")
-    uv = ["--uvloop"] if loop == "uvloop" else []
+    name, *opts = server.split("+")
+    uv = ["--uvloop"] if "uvloop" in opts else []
     if name == "lightws":
-        return [PY, "-m", "lightws", "echo", "--addr", f"{HOST}:{port}", *uv]
+        # lightws+threadsN: Config.threads (lightws+threads0: on the event loop).
+        threads = [o.removeprefix("threads") for o in opts if o.startswith("threads")]
+        extra = ["--threads", threads[0]] if threads else []
+        return [PY, "-m", "lightws", "echo", "--addr", f"{HOST}:{port}", *uv, *extra]
     if name == "lightws-listener":
-        return [PY, "-m", "lightws", "echo", "--listener", "--addr", f"{HOST}:{port}", *uv]
+        threads = [o.removeprefix("threads") for o in opts if o.startswith("threads")]
+        extra = ["--threads", threads[0]] if threads else []
+        return [PY, "-m", "lightws", "echo", "--listener", "--addr", f"{HOST}:{port}", *uv, *extra]
     if name == "lightws-accept":
         return [PY, str(HERE / "accept_server.py"), "--addr", f"{HOST}:{port}"]
     if name == "floor":
@@ -130,11 +140,16 @@ class ServerProcess:
         self.server = server
         self.port = free_port()
         self.url = f"ws://{HOST}:{self.port}/"
+        env = dict(os.environ)
+        if server.startswith("base-"):
+            # --base: another build's lightws package first on the server's path.
+            env["PYTHONPATH"] = BASE_DIR
         self.proc = subprocess.Popen(
-            server_command(server, self.port),
+            server_command(server.removeprefix("base-"), self.port),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env=env,
         )
         deadline = time.monotonic() + 15
         while True:
@@ -442,7 +457,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=10000.0, help="latency load msgs/s")
     p.add_argument("--baseline", default="lightws", help="server the ratios refer to")
     p.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    p.add_argument(
+        "--base",
+        metavar="DIR",
+        help="PYTHONPATH of base- servers (base-lightws: the lightws package copied in DIR)",
+    )
     args = p.parse_args(argv)
+    global BASE_DIR
+    BASE_DIR = str(Path(args.base).resolve()) if args.base else ""
     if not loadgen_available():
         print(LOADGEN_MISSING, file=sys.stderr)
         return 2
@@ -450,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     servers = [x.strip() for x in args.servers.split(",") if x.strip()]
     loads = [x.strip() for x in args.loads.split(",") if x.strip()]
     for name, known in ((servers, ALL_SERVERS), (loads, ALL_LOADS)):
-        unknown = [x for x in name if x not in known]
+        # lightws also takes +threadsN (e.g. lightws+threads0, lightws+uvloop+threads0).
+        unknown = [x for x in name if x.removeprefix("base-").split("+threads")[0] not in known]
         if unknown:
             p.error(f"unknown: {', '.join(unknown)} (known: {', '.join(known)})")
     settings = Settings(

@@ -1,6 +1,6 @@
 """Fault storm: hostile clients against a lightws server while a watchdog times its loop.
 
-    python bench/fault_storm.py --minutes 10 --seed 7 [--loop asyncio|uvloop]
+    python bench/fault_storm.py --minutes 10 --seed 7 [--loop asyncio|uvloop] [--threads 0]
                                 [--concurrency 32] [--keep-dir DIR]
 
 The server (bench/storm_server.py) runs in a subprocess. Many concurrent raw-socket
@@ -120,6 +120,7 @@ class ServerProcess:
         write_limit: int = 64 * 1024,
         pubsub: str | None = None,
         compression: bool = False,
+        threads: int = 1,
     ) -> None:
         self.workdir = workdir
         self.stderr_path = workdir / f"server-{app}-{loop}.stderr"
@@ -132,6 +133,7 @@ class ServerProcess:
             cmd += ["--pubsub", pubsub]
         if compression:
             cmd.append("--compression")
+        cmd += ["--threads", str(threads)]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL, text=True
         )
@@ -1255,6 +1257,8 @@ class StormOptions:
     #: The server offers permessage-deflate and every client asks for it: all the
     #: fault kinds run over compressed traffic, plus the "deflate" kind.
     compression: bool = False
+    #: Config.threads of the server: 0 drives the connections on the event-loop thread.
+    threads: int = 1
     #: Keep the server's logs and dumps here (default: a temporary directory).
     workdir: Path | None = None
     progress: bool = False
@@ -1547,6 +1551,7 @@ def run_storm(opts: StormOptions) -> StormReport:
         write_limit=opts.write_limit,
         pubsub=opts.pubsub,
         compression=opts.compression,
+        threads=opts.threads,
     )
     prober = Prober(server.port, opts.probe_interval, opts.freeze_after)
     started = time.monotonic()
@@ -1669,6 +1674,9 @@ def main() -> int:
         help="permessage-deflate on the server and offered by every client, plus the "
         "'deflate' fault kind (bombs, corrupt streams, resets mid-message)",
     )
+    p.add_argument(
+        "--threads", type=int, default=1, help="the server's Config.threads (0: on the loop)"
+    )
     a = p.parse_args()
     opts = StormOptions(
         seed=a.seed,
@@ -1679,6 +1687,7 @@ def main() -> int:
         kinds=a.kinds.split(",") if a.kinds else None,
         workdir=a.keep_dir,
         compression=a.compression,
+        threads=a.threads,
         freeze_after=10.0,
         progress=True,
     )

@@ -5,6 +5,7 @@ from outside:
 
     python bench/storm_server.py [--loop asyncio|uvloop] [--app storm|issue]
                                  [--write-limit 65536] [--dump-file PATH]
+                                 [--threads N]
 
 It prints ``PORT <n>`` on stdout once listening. With ``http_fallback`` on, plain HTTP
 requests are answered by the handshake callable, which runs on the event-loop thread:
@@ -686,6 +687,8 @@ async def main(args: argparse.Namespace) -> None:
         # --compression: permessage-deflate for the clients that offer it (all of them
         # in a storm with compression).
         compression=lightws.Deflate() if args.compression else None,
+        # --threads 0: connections driven on the event-loop thread (onloop.rs).
+        threads=args.threads,
     )
     monitor = asyncio.ensure_future(lag_monitor())
     async with lightws.Server(config) as server:
@@ -706,6 +709,7 @@ if __name__ == "__main__":
     p.add_argument("--pubsub", default=None, help="Redis URL for Config.pubsub (the relay)")
     p.add_argument("--dump-file", default=None)
     p.add_argument("--compression", action="store_true", help="permessage-deflate on")
+    p.add_argument("--threads", type=int, default=1, help="Config.threads (0: on the loop)")
     a = p.parse_args()
     setup_logging()
     if a.dump_file:

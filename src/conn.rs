@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::frame::OpCode;
+use crate::hoptrace::{self, Hop};
 use crate::session::{CloseInfo, Io, LogLevel, Part, Sealed, Session, ABNORMAL_CLOSURE};
 use crate::shared::{ConnShared, Event, InMsg, OVERFLOW_REASON, TRY_AGAIN_LATER};
 
@@ -35,11 +37,53 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn poll_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+
+    /// The socket, if the loop thread may write frames to it as they are (plain TCP:
+    /// see [`send_now`]); None if bytes must go through this transport (TLS).
+    fn inline_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 impl Transport for TcpStream {
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
+    }
+
+    fn inline_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+}
+
+/// Write `head` then `body` to the socket `fd` without blocking (one sendmsg(2), no
+/// SIGPIPE): the loop thread's inline write of a frame (bridge/send.rs), made while
+/// it holds the outbox lock with `inline_fd` set and `driver_output` clear, so the
+/// driver is not writing. Returns the bytes the kernel took: 0 if none or if the
+/// socket failed (the driver finds out when it writes the rest).
+pub fn send_now(fd: RawFd, head: &[u8], body: &[u8]) -> usize {
+    let mut iov = [
+        libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: body.as_ptr() as *mut libc::c_void,
+            iov_len: body.len(),
+        },
+    ];
+    // SAFETY: zeroed msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = if body.is_empty() { 1 } else { 2 };
+    loop {
+        // SAFETY: msg points at two iovecs over live slices; sendmsg only reads them.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return n as usize;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return 0;
+        }
     }
 }
 
@@ -157,6 +201,7 @@ impl SharedIo<'_> {
         }
         if inbox.waiting {
             inbox.waiting = false;
+            hoptrace::mark(Hop::Pushed);
             shared.hub.push(Event::Readable(shared.id));
         }
     }
@@ -179,6 +224,10 @@ pub struct Driver<S> {
     shared: Arc<ConnShared>,
     session: Session,
     rbuf: Vec<u8>,
+    /// The end of a frame the loop thread began writing inline (`Outbox.inline_tail`):
+    /// written before the session's output. Boxed: one pointer in every idle driver.
+    #[allow(clippy::box_collection)]
+    tail: Option<Box<Vec<u8>>>,
     read_size: usize,
     need_flush: bool,
     /// The timer, armed at the session's deadline (boxed, and only while there is one).
@@ -200,10 +249,12 @@ impl<S: Transport> Driver<S> {
         if let Some(params) = shared.deflate {
             session.set_deflate(params);
         }
+        shared.outbox.lock().inline_fd = io.inline_fd();
         Self {
             io,
             session,
             rbuf: leftover,
+            tail: None,
             read_size: cfg.ws_read_buffer,
             need_flush: false,
             timer: None,
@@ -212,6 +263,11 @@ impl<S: Transport> Driver<S> {
             started: false,
             shared,
         }
+    }
+
+    /// What the connection shares with its Python object.
+    pub fn shared(&self) -> &Arc<ConnShared> {
+        &self.shared
     }
 
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
@@ -231,9 +287,30 @@ impl<S: Transport> Driver<S> {
                 Ok(took) => progress |= took,
             }
 
+            // First the end of a frame the loop thread began writing: nothing else may
+            // come between its bytes.
+            while let Some(t) = self.tail.as_mut() {
+                match Pin::new(&mut self.io).poll_write(cx, t) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(self.session.outcome())
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        t.drain(..n);
+                        if t.is_empty() {
+                            self.tail = None;
+                        }
+                        self.shared.unsent.fetch_sub(n, Ordering::Relaxed);
+                        self.need_flush = true;
+                        self.shared.stats.add_bytes_out(n as u64);
+                        progress = true;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+
             // Write as much as the socket takes: every queued chunk in one writev (own
             // frames and frames shared with other connections, without copying them).
-            loop {
+            while self.tail.is_none() {
                 let out = self.session.output();
                 if out.is_empty() {
                     break;
@@ -254,12 +331,15 @@ impl<S: Transport> Driver<S> {
                         self.need_flush = true;
                         self.shared.stats.add_bytes_out(n as u64);
                         progress = true;
+                        if self.session.output().is_empty() {
+                            hoptrace::mark(Hop::Written);
+                        }
                     }
                     Poll::Ready(Err(_)) => return Poll::Ready(self.session.outcome()),
                     Poll::Pending => break,
                 }
             }
-            if self.session.output().is_empty() {
+            if self.tail.is_none() && self.session.output().is_empty() {
                 if self.need_flush {
                     match Pin::new(&mut self.io).poll_flush(cx) {
                         Poll::Ready(Ok(())) => self.need_flush = false,
@@ -304,6 +384,7 @@ impl<S: Transport> Driver<S> {
                         progress = true;
                     }
                     Poll::Ready(Ok(_)) => {
+                        hoptrace::mark(Hop::Read);
                         let now = std::time::Instant::now();
                         self.session
                             .receive(&mut self.rbuf, now, &mut SharedIo(&self.shared));
@@ -469,9 +550,21 @@ impl<S: Transport> Driver<S> {
             ob.drain_waiting = false;
             self.shared.hub.push(Event::Drained(self.shared.id));
         }
+        // What this pass writes (the queue taken now, and output of the session's own)
+        // excludes the loop thread's inline writes until all of it is written: no two
+        // writers' bytes can interleave on the socket.
+        if let Some(t) = ob.inline_tail.take() {
+            match self.tail.as_mut() {
+                Some(mine) => mine.extend_from_slice(&t),
+                None => self.tail = Some(t),
+            }
+        }
+        ob.driver_output =
+            took.is_some() || overflow || self.tail.is_some() || !self.session.output().is_empty();
         drop(ob);
         let mut took = match took {
             Some((mut queue, closing)) => {
+                hoptrace::mark(Hop::Taken);
                 let queued = queue.len();
                 let made = self.session.take_app_output(&mut queue, closing, now);
                 if made != queued {
@@ -524,6 +617,9 @@ impl<S> Driver<S> {
 
 impl<S> Drop for Driver<S> {
     fn drop(&mut self) {
+        // Before the socket closes (its descriptor could be reused at once): no inline
+        // write after this, and none is under way (they hold the outbox lock).
+        self.shared.outbox.lock().inline_fd = None;
         if self.io_reading {
             self.shared.stats.reading(-1);
         }

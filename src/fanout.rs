@@ -106,8 +106,13 @@ enum Job {
         frame: Bytes,
         exclude: Option<u64>,
     },
-    /// A connection's own frame, routed through the task to keep its order.
-    Own { conn: Arc<ConnShared>, frame: Bytes },
+    /// A connection's own frame, routed through the task to keep its order; `drain`:
+    /// a Drained event must follow once it is queued ([`ConnShared::push_own`]).
+    Own {
+        conn: Arc<ConnShared>,
+        frame: Bytes,
+        drain: bool,
+    },
     /// A broadcast frame for one connection, routed likewise.
     Shared { conn: Arc<ConnShared>, frame: Bytes },
 }
@@ -263,18 +268,22 @@ impl Fanout {
         count
     }
 
-    /// Queue one connection's own frame behind the publishes already on their way.
-    pub fn send_own(&self, conn: Arc<ConnShared>, frame: Bytes) {
+    /// Queue one connection's own frame behind the publishes already on their way. Its
+    /// bytes count in `unsent` from now on, not from when the task queues it, so that
+    /// sends made faster than the task runs still see them (`write_limit`,
+    /// `max_backpressure`). `drain`: see [`ConnShared::push_own`].
+    pub fn send_own(&self, conn: Arc<ConnShared>, frame: Bytes, drain: bool) {
+        conn.unsent.fetch_add(frame.len(), Ordering::Relaxed);
         conn.fenced.fetch_add(1, Ordering::AcqRel);
         let Some(tx) = self.tx.get() else {
             conn.fenced.fetch_sub(1, Ordering::AcqRel);
-            return conn.push_own(frame);
+            return conn.push_own(frame, drain);
         };
-        if let Err(mpsc::error::SendError(Job::Own { conn, frame })) =
-            tx.send(Job::Own { conn, frame })
+        if let Err(mpsc::error::SendError(Job::Own { conn, frame, drain })) =
+            tx.send(Job::Own { conn, frame, drain })
         {
             conn.fenced.fetch_sub(1, Ordering::AcqRel);
-            conn.push_own(frame);
+            conn.push_own(frame, drain);
         }
     }
 
@@ -377,8 +386,8 @@ impl Fanout {
                         }
                         topic.in_flight.fetch_sub(1, Ordering::AcqRel);
                     }
-                    Job::Own { conn, frame } => {
-                        conn.push_own(frame);
+                    Job::Own { conn, frame, drain } => {
+                        conn.push_own(frame, drain);
                         conn.fenced.fetch_sub(1, Ordering::AcqRel);
                     }
                     Job::Shared { conn, frame } => {

@@ -48,6 +48,14 @@ impl<E> Hub<E> {
         }
     }
 
+    /// Called by the consumer on its own thread right before a `begin_drain`: pushes
+    /// until then need not signal, since the drain takes them anyway (the on-loop
+    /// drivers push from the consumer's thread, onloop.rs; a wake-up would only make
+    /// the loop call drain again for nothing).
+    pub fn hold(&self) {
+        self.notified.store(true, Ordering::Release);
+    }
+
     /// Called by the consumer before taking events: clears the fd, then the flag, so a
     /// producer that pushes after this point writes the fd again (no lost wake-up).
     pub fn begin_drain(&self) {
@@ -150,6 +158,20 @@ mod tests {
         assert!(hub.take(3, &mut out));
         assert!(!hub.take(10, &mut out));
         assert_eq!(out, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn pushes_between_hold_and_begin_drain_do_not_signal_but_are_taken() {
+        let hub = Hub::<u64>::new().unwrap();
+        hub.hold();
+        hub.push(1);
+        assert!(!readable(hub.fd()));
+        hub.begin_drain();
+        let mut out = Vec::new();
+        assert!(!hub.take(10, &mut out));
+        assert_eq!(out, vec![1]);
+        hub.push(2);
+        assert!(readable(hub.fd()));
     }
 
     #[test]

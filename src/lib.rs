@@ -23,10 +23,12 @@ pub mod bridge;
 pub mod client;
 pub mod conn;
 pub mod fanout;
+pub mod hoptrace;
 pub mod hub;
 pub mod lockcheck;
 #[cfg(test)]
 mod memtest;
+pub mod onloop;
 pub mod relay;
 pub mod server;
 pub mod shared;

@@ -193,6 +193,7 @@ fn idle_connection_blocks() {
                 stats: Arc::new(Stats::new()),
                 tls: None,
                 per_ip: None,
+                on_loop: None,
             });
             let hub = srv.hub.clone();
             tokio::spawn(async move {

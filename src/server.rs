@@ -21,6 +21,7 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::conn::{Driver, Transport};
 use crate::handshake::{self, HandshakeError, Upgrade};
+use crate::onloop::{Adopted, Reactor};
 use crate::security::{self, IpLimiter, IpNet, IpSlot, OriginPolicy};
 use crate::session::{CloseInfo, LogLevel, ABNORMAL_CLOSURE};
 use crate::shared::{
@@ -73,6 +74,9 @@ pub struct ServerShared {
     pub tls: Option<(Arc<CertStore>, tokio_rustls::TlsAcceptor)>,
     /// Open connections per client address; None without `max_connections_per_ip`.
     pub per_ip: Option<IpLimiter>,
+    /// `Config(threads=0)`: plain TCP connections are driven on the event-loop thread
+    /// after the upgrade (onloop.rs).
+    pub on_loop: Option<Arc<Reactor>>,
 }
 
 impl ServerShared {
@@ -255,7 +259,10 @@ async fn handle(stream: TcpStream, peer: SocketAddr, srv: Arc<ServerShared>, per
         None => {
             let up = Box::pin(upgrade(stream, peer, &srv, deadline, over_limit, per_ip)).await;
             if let Some(up) = up {
-                up.spawn(counted);
+                match &srv.on_loop {
+                    Some(reactor) => up.adopt(reactor, counted),
+                    None => up.spawn(counted),
+                }
             }
         }
         Some((_, acceptor)) => {
@@ -409,6 +416,30 @@ impl<S> Drop for ConnTask<S> {
         }
         // What `ConnCount` would do (see `into_task`).
         shared.stats.conn_closed();
+    }
+}
+
+impl Upgraded<TcpStream> {
+    /// `Config(threads=0)`: hand the connection to the event-loop thread (onloop.rs);
+    /// `count` and the per-address slot go with it, held until it closes.
+    fn adopt(self, reactor: &Reactor, count: ConnCount) {
+        let Upgraded {
+            io,
+            shared,
+            guard,
+            leftover,
+            slot,
+        } = self;
+        // On failure the guard reports the connection closed.
+        if let Ok(sock) = io.into_std() {
+            reactor.adopt(Adopted {
+                sock,
+                shared,
+                leftover,
+                guard,
+                hold: Box::new((slot, count)),
+            });
+        }
     }
 }
 
@@ -790,6 +821,7 @@ mod size_tests {
                 stats: Arc::new(Stats::new()),
                 tls: None,
                 per_ip: None,
+                on_loop: None,
             });
             let (server_side, _) = listener.accept().await.unwrap();
             let task = std::mem::size_of_val(&handle(stream, addr, srv.clone(), PerIp::Unlimited));

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -116,6 +117,19 @@ pub struct Outbox {
     /// the Python object: a listener or `Accept` connection keeps its subscriptions
     /// while it has no Python object.
     pub topics: Vec<Arc<Topic>>,
+    /// The driver has output it has not finished writing (set under this lock by the
+    /// driver before it writes, cleared once it has written everything): the loop
+    /// thread must queue its frames, not write them (bridge/send.rs, "inline").
+    pub driver_output: bool,
+    /// The socket, while the loop thread may write a frame straight to it under this
+    /// lock: plain TCP, from the driver's start until its end (cleared before the
+    /// socket is closed). None for TLS.
+    pub inline_fd: Option<RawFd>,
+    /// The unwritten end of a frame the loop thread began writing inline (the kernel
+    /// took only part of it). Not in `queue`: the driver writes it before anything of
+    /// its own (a pong, its close frame), and nothing may drop it (an overflow, the
+    /// session sealing the queue), or another frame would land in the middle of it.
+    pub inline_tail: Option<Box<Vec<u8>>>,
 }
 
 impl Outbox {
@@ -331,13 +345,19 @@ impl ConnShared {
         }
     }
 
-    /// Queue a frame of this connection's own that took the fan-out route (fenced).
-    pub fn push_own(&self, frame: Bytes) {
+    /// Queue a frame of this connection's own that took the fan-out route (fenced; its
+    /// bytes are already counted in `unsent`, see `Fanout::send_own`). `drain`: the
+    /// sender waits for a Drained event (a fragment of a large send, a send over
+    /// `write_limit`), which must not come before the frame is in the queue: it is
+    /// asked for here, not when the frame set off.
+    pub fn push_own(&self, frame: Bytes, drain: bool) {
         let len = frame.len();
         let b0 = frame.first().copied().unwrap_or(0);
         let mut ob = self.outbox.lock();
         if ob.closed || ob.closing {
-            // Nothing goes after our close frame (RFC 6455 5.5.1).
+            // Nothing goes after our close frame (RFC 6455 5.5.1). A sender waiting
+            // for a Drained event is answered by the Closed one.
+            self.unsent.fetch_sub(len, Ordering::Relaxed);
             return;
         }
         let wake = ob.queue.is_empty();
@@ -346,7 +366,9 @@ impl ConnShared {
             ob.closing = true;
         }
         ob.note_frame(b0);
-        self.unsent.fetch_add(len, Ordering::Relaxed);
+        if drain {
+            ob.drain_waiting = true;
+        }
         drop(ob);
         if wake {
             self.waker.wake();
@@ -415,6 +437,7 @@ impl Drop for ClosedGuard {
             outbox.closed = true;
             outbox.queue.clear();
             outbox.held = None;
+            outbox.inline_tail = None;
         }
         self.shared.hub.push(Event::Closed(self.shared.id));
     }

@@ -43,14 +43,18 @@ SEED = int(os.environ.get("LIGHTWS_STORM_SEED", "9"))
 # "deflate" kind (bombs -> 1009, corrupt streams -> 1002, bad UTF-8 after inflating ->
 # 1007, resets mid compressed message, stalled readers). Compression is in Rust, so
 # one loop is enough for it, and the file's time stays the same.
-STORMS = [("asyncio", False), (LOOPS[-1], True)]
+# And once with the connections driven on the event-loop thread (Config(threads=0),
+# onloop.rs), on the last loop.
+STORMS = [("asyncio", False, 1), (LOOPS[-1], True, 1), (LOOPS[-1], False, 0)]
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
-    ("loop", "compression"), STORMS, ids=[f"{lp}{'-deflate' * c}" for lp, c in STORMS]
+    ("loop", "compression", "threads"),
+    STORMS,
+    ids=[f"{lp}{'-deflate' * c}{'-onloop' * (t == 0)}" for lp, c, t in STORMS],
 )
-def test_fault_storm(loop: str, compression: bool, tmp_path: Path) -> None:
+def test_fault_storm(loop: str, compression: bool, threads: int, tmp_path: Path) -> None:
     opts = fault_storm.StormOptions(
         seed=SEED,
         duration=8.0,
@@ -60,6 +64,7 @@ def test_fault_storm(loop: str, compression: bool, tmp_path: Path) -> None:
         freeze_after=5.0,
         workdir=tmp_path,
         compression=compression,
+        threads=threads,
     )
     report = fault_storm.run_storm(opts)
     print(report.render())

@@ -156,7 +156,12 @@ def _common_options() -> argparse.ArgumentParser:
         default=None,
         help=f"bytes (default {MAX_MSG_LEN}; chat: {CHAT_MAX_MSG_LEN})",
     )
-    common.add_argument("--threads", type=int, default=1, help="I/O threads (default 1)")
+    common.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="I/O threads (default 1; 0: connections on the event loop)",
+    )
     common.add_argument(
         "--close-timeout",
         type=float,

@@ -158,7 +158,10 @@ class Config:
     compression: Deflate | None = None
     #: listen() backlog. Default 1024.
     backlog: int = 1024
-    #: Tokio worker threads doing the I/O. Default 1.
+    #: Tokio worker threads doing the I/O. Default 1. 0: plain-TCP connections are
+    #: driven on the event-loop thread after the upgrade (one tokio thread still
+    #: accepts, does TLS and the handshakes): the lowest latency for few connections,
+    #: less throughput for many (docs/guide.md, "Threads and latency").
     threads: int = 1
     #: Set SO_REUSEPORT on the listening socket, so several processes can listen on the
     #: same address and the kernel spreads new connections over them (what

@@ -79,6 +79,7 @@ pub fn client_core(
         stats: Arc::new(Stats::new()),
         tls: None,
         per_ip: None,
+        on_loop: None,
     });
     Ok(Core {
         srv,

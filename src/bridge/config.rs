@@ -176,9 +176,10 @@ pub(super) fn build_config(cfg: &Bound<'_, PyAny>) -> PyResult<ServerConfig> {
     let max_msg_len = size(cfg, "max_msg_len", 1)?;
     let write_limit = size(cfg, "write_limit", 1)?;
     let close_timeout = seconds(cfg, "close_timeout", true)?.unwrap_or_default();
-    let threads = size(cfg, "threads", 1)?;
+    // 0: connections on the event-loop thread (onloop.rs).
+    let threads = size(cfg, "threads", 0)?;
     if threads > 256 {
-        return Err(PyValueError::new_err("Config.threads must be 1-256"));
+        return Err(PyValueError::new_err("Config.threads must be 0-256"));
     }
     let cert: Option<String> = get(cfg, "cert_file")?;
     let key: Option<String> = get(cfg, "key_file")?;

@@ -812,7 +812,7 @@ impl Connection {
                 self.core
                     .get()
                     .fanout
-                    .send_own(self.shared.clone(), bytes::Bytes::from(b));
+                    .send_own(self.shared.clone(), bytes::Bytes::from(b), false);
             }
             !already
         } else {

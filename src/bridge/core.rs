@@ -25,6 +25,7 @@ use super::waiter::{is_fatal, DrainGuard};
 use crate::fanout::Fanout;
 use crate::frame::{OpCode, Role};
 use crate::lockcheck::ConnMutex;
+use crate::onloop::Reactor;
 use crate::relay::Relay;
 use crate::security::IpLimiter;
 use crate::server::{self, ServerShared};
@@ -245,7 +246,14 @@ impl Core {
             .map_err(PyValueError::new_err)?
             .map(Arc::new);
         let fanout = Arc::new(Fanout::new(cfg.backpressure, relay));
+        // Config(threads=0): connections on the loop thread (onloop.rs).
+        let on_loop = if cfg.threads == 0 {
+            Some(Reactor::new(hub.fd()).map_err(|e| PyOSError::new_err(e.to_string()))?)
+        } else {
+            None
+        };
         let srv = Arc::new(ServerShared {
+            on_loop,
             per_ip: IpLimiter::new(cfg.max_connections_per_ip),
             cfg,
             hub: hub.clone(),
@@ -287,7 +295,8 @@ impl Core {
             .local_addr()
             .map_err(|e| PyOSError::new_err(e.to_string()))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(srv.cfg.threads)
+            // threads=0: one for accepting, TLS and handshakes (onloop.rs).
+            .worker_threads(srv.cfg.threads.max(1))
             .thread_name("lightws-io")
             .enable_all()
             .build()
@@ -318,6 +327,9 @@ impl Core {
                 }
             });
         }
+        if let Some(reactor) = &srv.on_loop {
+            reactor.set_runtime(rt.handle().clone());
+        }
         *self.stop.lock() = Some(tx);
         *self.local.lock() = Some((local, fd));
         *rt_slot = Some(rt);
@@ -326,11 +338,20 @@ impl Core {
 
     /// The hub's wake-up descriptor, for `loop.add_reader`.
     fn fd(&self) -> i32 {
-        self.hub.fd()
+        match &self.srv.on_loop {
+            Some(reactor) => reactor.fd(),
+            None => self.hub.fd(),
+        }
     }
 
     /// Handle queued events (called by the event loop when the fd is readable).
     fn drain(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let this = slf.get();
+        if let Some(reactor) = &this.srv.on_loop {
+            this.hub.hold();
+            reactor.run();
+        }
+        crate::hoptrace::mark(crate::hoptrace::Hop::Drain);
         Self::drain_events(slf, true)
     }
 
@@ -385,6 +406,9 @@ impl Core {
         let py = slf.py();
         let this = slf.get();
         this.stop_accepting();
+        if let Some(reactor) = &this.srv.on_loop {
+            reactor.shutdown();
+        }
         let rt = this.runtime.lock().take();
         if let Some(rt) = rt {
             py.detach(|| rt.shutdown_timeout(Duration::from_secs(2)));

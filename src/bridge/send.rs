@@ -14,6 +14,9 @@ use pyo3::types::{PyBytes, PyString};
 use super::connection::{Connection, Slot};
 use super::op::{is_done, reject, resolve, WaitKind};
 use crate::frame::{self, OpCode};
+use crate::hoptrace::{self, Hop};
+use crate::shared::Outbox;
+use std::os::fd::RawFd;
 
 /// The first byte of a frame's header (FIN and opcode; RSV bits clear).
 fn first_byte(op: OpCode, fin: bool) -> u8 {
@@ -234,49 +237,97 @@ impl Connection {
         fin: bool,
         want_drain: bool,
     ) -> PyResult<bool> {
+        hoptrace::mark(Hop::Send);
         let cfg = &self.shared.cfg;
         let over = if self.fenced() {
-            self.queue_fenced(py, op, data, fin, want_drain)?;
-            false
+            self.queue_fenced(py, op, data, fin, want_drain)?
         } else {
             // None for a server connection; a fresh key in the client role.
             let mask = cfg.mask();
-            let (was_empty, over) = {
+            let (wake, over) = {
                 let mut ob = self.shared.outbox.lock();
                 if ob.closed || ob.closing {
                     None
                 } else {
                     let was_empty = ob.queue.is_empty();
                     let before = ob.queue.len();
-                    // One allocation of the right size (growing from the header's few
-                    // bytes would reallocate and copy the payload again).
-                    ob.queue
-                        .push_with(|b| frame::encode_frame(b, fin, op, data, mask));
-                    ob.note_frame(first_byte(op, fin));
+                    let inline = (was_empty && mask.is_none() && fin && !want_drain)
+                        .then_some(ob.inline_fd)
+                        .flatten()
+                        .filter(|_| {
+                            op != OpCode::Close
+                                && !ob.driver_output
+                                && ob.inline_tail.is_none()
+                                && !ob.fragmenting
+                                && !ob.abort
+                                && !ob.overflow
+                                && !hoptrace::inline_disabled()
+                        });
+                    match inline {
+                        Some(fd) => self.write_inline(&mut ob, fd, op, data),
+                        // One allocation of the right size (growing from the header's
+                        // few bytes would reallocate and copy the payload again).
+                        None => ob
+                            .queue
+                            .push_with(|b| frame::encode_frame(b, fin, op, data, mask)),
+                    }
                     // Counted under the outbox lock: the task, which subtracts what it
-                    // writes, cannot see the bytes before they are counted.
+                    // writes, cannot see the bytes before they are counted. Before
+                    // note_frame: the shared frames it moves in behind a message's final
+                    // fragment were counted when they were held.
                     self.shared
                         .unsent
                         .fetch_add(ob.queue.len() - before, Relaxed);
+                    ob.note_frame(first_byte(op, fin));
                     let over = ob.queue.len() > cfg.write_limit;
                     if over || want_drain {
                         ob.drain_waiting = true;
                     }
-                    Some((was_empty, over))
+                    let wake = was_empty && !(ob.queue.is_empty() && ob.inline_tail.is_none());
+                    Some((wake, over))
                 }
             }
             .ok_or_else(|| self.closed_error_now(py))?;
-            if was_empty {
+            if wake {
                 self.shared.waker.wake();
             }
             over
         };
+        hoptrace::mark(Hop::Queued);
         self.shared.stats.frame_out(op);
         if cfg.log_level >= LogLevel::Debug {
             self.shared
                 .log(LogLevel::Debug, || describe_frame("send", op, data));
         }
         Ok(over)
+    }
+
+    /// The inline write: a frame written to the socket by the loop thread itself, under
+    /// the outbox lock, when nothing is queued before it and the driver has nothing
+    /// left to write (`queue_frame` checks that, and that it is plain TCP, the server
+    /// role, a whole message or a control frame other than the close). The round trip
+    /// then skips waking the connection's tokio task (BENCHMARKS.md, "Latency"). What
+    /// the kernel does not take goes to the driver as `Outbox.inline_tail`, which it
+    /// writes before anything else; later sends queue behind it.
+    fn write_inline(&self, ob: &mut Outbox, fd: RawFd, op: OpCode, data: &[u8]) {
+        let mut head = Vec::with_capacity(frame::MAX_HEADER_LEN);
+        frame::encode_header(&mut head, true, op, data.len() as u64, None);
+        let n = crate::conn::send_now(fd, &head, data);
+        self.shared.stats.add_bytes_out(n as u64);
+        if n == head.len() + data.len() {
+            hoptrace::mark(Hop::Written);
+            return;
+        }
+        let mut tail = Vec::with_capacity(head.len() + data.len() - n);
+        if n < head.len() {
+            tail.extend_from_slice(&head[n..]);
+            tail.extend_from_slice(data);
+        } else {
+            tail.extend_from_slice(&data[n - head.len()..]);
+        }
+        // Counted like queued bytes (the driver subtracts what it writes).
+        self.shared.unsent.fetch_add(tail.len(), Relaxed);
+        ob.inline_tail = Some(Box::new(tail));
     }
 
     /// Whether to compress a data message: the connection negotiated permessage-deflate
@@ -355,6 +406,16 @@ impl Connection {
     }
 
     /// Queue a frame behind the publishes on their way (see fanout.rs, "Order").
+    /// Returns true, like the direct path, if the sender must wait for a Drained event:
+    /// `want_drain`, or over `write_limit`. The frame is not in the outbox yet, so what
+    /// is measured is everything unwritten (`unsent`, which counts it already).
+    ///
+    /// NOTE: this route used to answer "not over" and ask for the Drained event when
+    /// the frame set off. With the driver on the loop thread (`threads=0`) nothing was
+    /// written while the handler kept sending: each fragment of a large send got its
+    /// Drained before it was even queued, so the whole message and every send after it
+    /// piled up unwritten, and the next publish found the connection over
+    /// `max_backpressure` and was lost (tests/test_inline_write.py).
     fn queue_fenced(
         &self,
         py: Python<'_>,
@@ -362,7 +423,7 @@ impl Connection {
         data: &[u8],
         fin: bool,
         want_drain: bool,
-    ) -> PyResult<()> {
+    ) -> PyResult<bool> {
         let closing = {
             let ob = self.shared.outbox.lock();
             ob.closed || ob.closing
@@ -373,16 +434,13 @@ impl Connection {
         }
         let mut b = Vec::with_capacity(frame::MAX_HEADER_LEN + data.len());
         frame::encode_frame(&mut b, fin, op, data, self.shared.cfg.mask());
+        let over =
+            want_drain || self.shared.unsent.load(Relaxed) + b.len() > self.shared.cfg.write_limit;
         self.core
             .get()
             .fanout
-            .send_own(self.shared.clone(), Bytes::from(b));
-        if want_drain {
-            // A large send's next fragment waits for a Drained event as usual.
-            self.shared.outbox.lock().drain_waiting = true;
-            self.shared.waker.wake();
-        }
-        Ok(())
+            .send_own(self.shared.clone(), Bytes::from(b), over);
+        Ok(over)
     }
 
     /// The task took the outbox: queue the next fragment of a large send, if any.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -42,6 +43,9 @@ def echo_handshake(request: lightws.Request, response: lightws.Response) -> Any:
 async def serve(handshake: Any = None, **config: Any) -> AsyncIterator[lightws.Server]:
     """Run a server on an ephemeral loopback port for the duration of the block."""
     config.setdefault("addr", "127.0.0.1:0")
+    # LIGHTWS_TEST_THREADS=0: the tests' servers drive connections on the event loop.
+    if "LIGHTWS_TEST_THREADS" in os.environ:
+        config.setdefault("threads", int(os.environ["LIGHTWS_TEST_THREADS"]))
     server = lightws.Server(lightws.Config(handshake=handshake or echo_handshake, **config))
     async with server:
         yield server
