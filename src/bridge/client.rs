@@ -99,6 +99,7 @@ pub fn client_core(
             on_idle,
         }),
         natives: Default::default(),
+        inline_ok: AtomicBool::new(true),
     })
 }
 

@@ -56,6 +56,11 @@ pub struct Core {
     pub(super) client: Option<ClientState>,
     /// Connections without a coroutine: listeners and `lightws.Accept` (listener.rs).
     pub(super) natives: Natives,
+    /// Whether `send()` may write a frame inline on the loop thread (send.rs): set by
+    /// each drain from how many events it took. A reply written inline saves the I/O
+    /// thread's wake-up (latency); under load the I/O thread's coalesced writes cost
+    /// the loop thread nothing, so the write goes back to it.
+    pub(super) inline_ok: AtomicBool,
 }
 
 impl Core {
@@ -175,6 +180,16 @@ impl Core {
     }
 }
 
+/// Up to this many events in a drain, the loop counts as not busy: replies are written
+/// inline (`Core::inline_ok`).
+///
+/// NOTE: measured on the merged main, quiet machine, `bench/compare.py` 100x64 B: with
+/// every reply inline the loop thread spent 8.7 µs per message (the write syscall
+/// moved onto it) and the echo reached 0.69x picows; one connection's round trip is
+/// one event per drain, where the inline write saves a wake-up (BENCHMARKS.md,
+/// "Latency").
+pub(super) const INLINE_MAX_BATCH: usize = 2;
+
 /// Events handled per drain call before yielding back to the event loop.
 pub(super) const DRAIN_BATCH: usize = 1024;
 
@@ -189,6 +204,10 @@ impl Core {
         this.hub.begin_drain();
         let mut batch = Vec::new();
         let more = this.hub.take(DRAIN_BATCH, &mut batch);
+        this.inline_ok.store(
+            this.srv.on_loop.is_some() || batch.len() <= INLINE_MAX_BATCH,
+            Ordering::Relaxed,
+        );
         let mut fatal = None;
         for ev in batch {
             if let Err(e) = this.handle(slf, ev) {
@@ -274,6 +293,7 @@ impl Core {
             local: Mutex::new(None),
             client: None,
             natives: Natives::default(),
+            inline_ok: AtomicBool::new(true),
         })
     }
 

@@ -244,6 +244,8 @@ impl Connection {
         } else {
             // None for a server connection; a fresh key in the client role.
             let mask = cfg.mask();
+            // Inline only while the loop is not busy (see `Core::inline_ok`).
+            let inline_ok = self.core.get().inline_ok.load(Relaxed);
             let (wake, over) = {
                 let mut ob = self.shared.outbox.lock();
                 if ob.closed || ob.closing {
@@ -251,7 +253,7 @@ impl Connection {
                 } else {
                     let was_empty = ob.queue.is_empty();
                     let before = ob.queue.len();
-                    let inline = (was_empty && mask.is_none() && fin && !want_drain)
+                    let inline = (inline_ok && was_empty && mask.is_none() && fin && !want_drain)
                         .then_some(ob.inline_fd)
                         .flatten()
                         .filter(|_| {
