@@ -387,6 +387,21 @@ impl ConnShared {
         }
     }
 
+    /// From now on drop incoming data messages as they complete, and those already
+    /// queued (a connection nobody reads: `Accept` without a listener, a listener
+    /// without `on_message` or one that failed).
+    pub fn discard_incoming(&self) {
+        let dropped = {
+            let mut inbox = self.inbox.lock();
+            inbox.discard = true;
+            inbox.bytes = 0;
+            let q = std::mem::take(&mut inbox.queue);
+            self.resume_if_paused(&mut inbox);
+            q
+        };
+        drop(dropped);
+    }
+
     /// Called by the loop thread after it took messages out of the inbox.
     pub fn resume_if_paused(&self, inbox: &mut Inbox) {
         if inbox.paused && inbox.bytes < self.cfg.inbox_limit / 2 {

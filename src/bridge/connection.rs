@@ -53,9 +53,6 @@ pub(super) struct PyState {
     pub(super) writer_active: bool,
     /// Set when the task ended (socket closed).
     pub(super) finished: bool,
-    /// A listener method raised (listener.rs): closing with 1011, no more messages for
-    /// the listener.
-    pub(super) listener_failed: bool,
     /// The asyncio task running the handler (lightws.server starts it).
     pub(super) handler: Option<Py<PyAny>>,
     pub(super) reply: Option<oneshot::Sender<Reply>>,

@@ -137,18 +137,14 @@ impl Core {
         let Some((obj, listener)) = self.native_obj(core, id)? else {
             return Ok(false);
         };
+        let Some((l, _)) = listener.filter(|(_, m)| m & ON_MESSAGE != 0) else {
+            // Nothing reads this connection's data (it is discarded from adoption on):
+            // this is the close arriving.
+            return Ok(true);
+        };
         let py = core.py();
         let c = obj.get();
         for _ in 0..LISTENER_BUDGET {
-            if c.st.lock().listener_failed {
-                // Closing with 1011 after a failure: nothing more for the listener.
-                let mut inbox = c.shared.inbox.lock();
-                inbox.queue.clear();
-                inbox.bytes = 0;
-                inbox.discard = true;
-                c.shared.resume_if_paused(&mut inbox);
-                return Ok(true);
-            }
             let popped = c.pop(&mut c.shared.inbox.lock(), Want::Message { anext: false });
             let Popped::Msg(m) = popped else {
                 // Empty (`waiting` is set again: the next message comes as an event),
@@ -157,14 +153,10 @@ impl Core {
                 return Ok(true);
             };
             let msg = make_message(py, m)?;
-            let Some((l, methods)) = &listener else {
-                continue; // Accept without a listener discards data (conn.rs)
-            };
-            if methods & ON_MESSAGE == 0 {
-                continue;
-            }
             let r = l.call_method1(py, intern!(py, "on_message"), (obj.clone_ref(py), msg));
-            self.listener_result(py, &obj, "on_message", r)?;
+            if self.listener_result(py, &obj, "on_message", r)? {
+                return Ok(true); // failed: the rest is discarded, the connection closing
+            }
         }
         // More are queued: the rest after the other events and tasks waiting now.
         self.hub.push(Event::Readable(id));
@@ -244,21 +236,21 @@ impl Core {
     /// What a listener method returned: an exception (logged; the connection closes
     /// with 1011, except after on_close; `ConnectionClosed` is not a failure, as for a
     /// handler) or an awaitable (a mistake: listener methods are plain functions;
-    /// logged, closed and 1011).
+    /// logged, closed and 1011). True if the connection is closing for it.
     fn listener_result(
         &self,
         py: Python<'_>,
         obj: &Py<Connection>,
         method: &str,
         r: PyResult<Py<PyAny>>,
-    ) -> PyResult<()> {
+    ) -> PyResult<bool> {
         let closing = method != "on_close";
         let (exc, returned) = match r {
-            Ok(v) if v.is_none(py) => return Ok(()),
+            Ok(v) if v.is_none(py) => return Ok(false),
             Ok(v) => {
                 let b = v.bind(py);
                 if !b.hasattr(intern!(py, "__await__"))? {
-                    return Ok(()); // any other value is ignored
+                    return Ok(false); // any other value is ignored
                 }
                 if b.hasattr(intern!(py, "close"))? {
                     // A coroutine that will never run: no "never awaited" warning.
@@ -268,7 +260,7 @@ impl Core {
             }
             // The connection closed under the listener (a send_nowait after the peer's
             // close): as for a handler, not a failure; it is closing already.
-            Err(e) if e.is_instance(py, api(py)?.closed_base.bind(py)) => return Ok(()),
+            Err(e) if e.is_instance(py, api(py)?.closed_base.bind(py)) => return Ok(false),
             Err(e) => (e.into_value(py).into_any(), py.None()),
         };
         let failed = api(py)?
@@ -278,11 +270,12 @@ impl Core {
             e.write_unraisable(py, None);
         }
         if closing {
+            // No more messages for the listener: dropped from here on.
             let c = obj.get();
-            c.st.lock().listener_failed = true;
+            c.shared.discard_incoming();
             let _ = c.close(py, INTERNAL_ERROR, "");
         }
-        Ok(())
+        Ok(closing)
     }
 
     /// Make connection `conn` (answered 101 already) a native one: subscribe it to
@@ -332,6 +325,10 @@ impl Core {
         };
         let methods = listener.as_ref().map_or(0, |(_, m)| *m);
         let has_listener = listener.is_some();
+        let on_open = listener
+            .as_ref()
+            .filter(|(_, m)| m & ON_OPEN != 0)
+            .map(|(l, _)| l.clone_ref(py));
         c.native.store(true, Ordering::Relaxed);
         let coroutine = self.conns.lock().remove(&id);
         drop(coroutine);
@@ -347,17 +344,12 @@ impl Core {
         for t in &topics {
             subscribe(&self.fanout, &c.shared, t);
         }
+        if methods & ON_MESSAGE == 0 {
+            // `Accept` without a listener, or a listener without on_message: data is
+            // dropped as it arrives.
+            c.shared.discard_incoming();
+        }
         if !has_listener {
-            // `Accept` without a listener: data is dropped as it arrives.
-            let dropped = {
-                let mut inbox = c.shared.inbox.lock();
-                inbox.discard = true;
-                inbox.bytes = 0;
-                let q = std::mem::take(&mut inbox.queue);
-                c.shared.resume_if_paused(&mut inbox);
-                q
-            };
-            drop(dropped);
             return Ok(());
         }
         let old = self.natives.held.lock().insert(
@@ -368,17 +360,9 @@ impl Core {
             },
         );
         drop(old);
-        if methods & ON_OPEN != 0 {
-            let l = self
-                .natives
-                .native
-                .lock()
-                .get(&id)
-                .and_then(|n| n.listener.as_ref().map(|(l, _)| l.clone_ref(py)));
-            if let Some(l) = l {
-                let r = l.call_method1(py, intern!(py, "on_open"), (conn.clone(),));
-                self.listener_result(py, &conn.clone().unbind(), "on_open", r)?;
-            }
+        if let Some(l) = on_open {
+            let r = l.call_method1(py, intern!(py, "on_open"), (conn.clone(),));
+            self.listener_result(py, &conn.clone().unbind(), "on_open", r)?;
         }
         // Messages that came with or right after the upgrade; this also arms the
         // inbox (`waiting`), so the next message comes as an event.
