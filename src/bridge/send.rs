@@ -239,61 +239,78 @@ impl Connection {
     ) -> PyResult<bool> {
         hoptrace::mark(Hop::Send);
         let cfg = &self.shared.cfg;
-        let over = if self.fenced() {
-            self.queue_fenced(py, op, data, fin, want_drain)?
-        } else {
-            // None for a server connection; a fresh key in the client role.
-            let mask = cfg.mask();
-            // Inline only while the loop is not busy (see `Core::inline_ok`).
-            let inline_ok = self.core.get().inline_ok.load(Relaxed);
-            let (wake, over) = {
-                let mut ob = self.shared.outbox.lock();
-                if ob.closed || ob.closing {
-                    None
-                } else {
-                    let was_empty = ob.queue.is_empty();
-                    let before = ob.queue.len();
-                    let inline = (inline_ok && was_empty && mask.is_none() && fin && !want_drain)
-                        .then_some(ob.inline_fd)
-                        .flatten()
-                        .filter(|_| {
-                            op != OpCode::Close
-                                && !ob.driver_output
-                                && ob.inline_tail.is_none()
-                                && !ob.fragmenting
-                                && !ob.abort
-                                && !ob.overflow
-                                && !hoptrace::inline_disabled()
-                        });
-                    match inline {
-                        Some(fd) => self.write_inline(&mut ob, fd, op, data),
-                        // One allocation of the right size (growing from the header's
-                        // few bytes would reallocate and copy the payload again).
-                        None => ob
-                            .queue
-                            .push_with(|b| frame::encode_frame(b, fin, op, data, mask)),
+        /// Where the frame went on the direct route.
+        enum Direct {
+            Queued { wake: bool, over: bool },
+            Closed,
+            Fenced,
+        }
+        let over = 'send: {
+            if self.shared.fenced.load(Acquire) == 0 {
+                // None for a server connection; a fresh key in the client role.
+                let mask = cfg.mask();
+                // Inline only while the loop is not busy (see `Core::inline_ok`).
+                let inline_ok = self.core.get().inline_ok.load(Relaxed);
+                let queued = {
+                    let mut ob = self.shared.outbox.lock();
+                    if ob.closed || ob.closing {
+                        Direct::Closed
+                    } else if ob.topics.iter().any(|t| t.busy()) {
+                        // Behind a publish still on its way (checked under the lock taken
+                        // anyway, not by `fenced()` before it).
+                        Direct::Fenced
+                    } else {
+                        let was_empty = ob.queue.is_empty();
+                        let before = ob.queue.len();
+                        let inline =
+                            (inline_ok && was_empty && mask.is_none() && fin && !want_drain)
+                                .then_some(ob.inline_fd)
+                                .flatten()
+                                .filter(|_| {
+                                    op != OpCode::Close
+                                        && !ob.driver_output
+                                        && ob.inline_tail.is_none()
+                                        && !ob.fragmenting
+                                        && !ob.abort
+                                        && !ob.overflow
+                                        && !hoptrace::inline_disabled()
+                                });
+                        match inline {
+                            Some(fd) => self.write_inline(&mut ob, fd, op, data),
+                            // One allocation of the right size (growing from the header's
+                            // few bytes would reallocate and copy the payload again).
+                            None => ob
+                                .queue
+                                .push_with(|b| frame::encode_frame(b, fin, op, data, mask)),
+                        }
+                        // Counted under the outbox lock: the task, which subtracts what it
+                        // writes, cannot see the bytes before they are counted. Before
+                        // note_frame: the shared frames it moves in behind a message's final
+                        // fragment were counted when they were held.
+                        self.shared
+                            .unsent
+                            .fetch_add(ob.queue.len() - before, Relaxed);
+                        ob.note_frame(first_byte(op, fin));
+                        let over = ob.queue.len() > cfg.write_limit;
+                        if over || want_drain {
+                            ob.drain_waiting = true;
+                        }
+                        let wake = was_empty && !(ob.queue.is_empty() && ob.inline_tail.is_none());
+                        Direct::Queued { wake, over }
                     }
-                    // Counted under the outbox lock: the task, which subtracts what it
-                    // writes, cannot see the bytes before they are counted. Before
-                    // note_frame: the shared frames it moves in behind a message's final
-                    // fragment were counted when they were held.
-                    self.shared
-                        .unsent
-                        .fetch_add(ob.queue.len() - before, Relaxed);
-                    ob.note_frame(first_byte(op, fin));
-                    let over = ob.queue.len() > cfg.write_limit;
-                    if over || want_drain {
-                        ob.drain_waiting = true;
+                };
+                match queued {
+                    Direct::Queued { wake, over } => {
+                        if wake {
+                            self.shared.waker.wake();
+                        }
+                        break 'send over;
                     }
-                    let wake = was_empty && !(ob.queue.is_empty() && ob.inline_tail.is_none());
-                    Some((wake, over))
+                    Direct::Closed => return Err(self.closed_error_now(py)),
+                    Direct::Fenced => {}
                 }
             }
-            .ok_or_else(|| self.closed_error_now(py))?;
-            if wake {
-                self.shared.waker.wake();
-            }
-            over
+            self.queue_fenced(py, op, data, fin, want_drain)?
         };
         hoptrace::mark(Hop::Queued);
         self.shared.stats.frame_out(op);
